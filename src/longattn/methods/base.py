@@ -1,0 +1,191 @@
+"""The method contract: a dataclass of config that decides *where* each query block looks.
+
+Every method keeps the attention sinks and a local window; scored methods add the ``top_k`` key blocks
+their query ranks highest. Execution is the shared operator's job, never the method's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from longattn.core.selection import Selection
+
+# Elements of the per-chunk query x block score tensor while pooling scores over query blocks.
+_SCORE_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class SelectionContext:
+    """What a method may know about the step besides the queries.
+
+    Attributes:
+        kv_len: keys in the cache after this step (``Tk``).
+        q_offset: absolute position of query row 0 (``Tk - Tq`` for a causal decoder).
+        layer: layer index.
+        num_kv_heads: ``Hkv``.
+        key_mask: ``[B, Tk]`` bool, False on padding keys; None when every key is valid.
+        device: where the step's tensors live.
+    """
+
+    kv_len: int
+    q_offset: int
+    layer: int
+    num_kv_heads: int
+    key_mask: Tensor | None = None
+    device: torch.device = torch.device("cpu")
+
+
+def _check_int(name: str, value: object, low: int, power_of_two: bool = False) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if power_of_two and value & (value - 1):
+        raise ValueError(f"{name} must be a power of two (16, 32, 64, ...), got {value}")
+
+
+@dataclass
+class Method:
+    """Base of every method: sinks + local window, causal, over blocks of ``block_size`` keys."""
+
+    block_size: int = 64
+    """Keys per key block, a power of two. Smaller blocks select more precisely; larger ones score faster."""
+    sink_tokens: int = 4
+    """Initial tokens always attended (attention sinks, StreamingLLM); rounded up to whole blocks."""
+    window: int = 256
+    """Local window: tokens before each query always attended; the query's own block is always kept."""
+    query_block_size: int | None = None
+    """Queries sharing one selection in prefill (default: ``block_size``). Decode always selects per token."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str | None] = None
+    """Block summary the method scores against ("mean", "minmax"), or None for static patterns."""
+
+    def __post_init__(self) -> None:
+        _check_int("block_size", self.block_size, 1, power_of_two=True)
+        _check_int("sink_tokens", self.sink_tokens, 0)
+        _check_int("window", self.window, 0)
+        if self.query_block_size is not None:
+            _check_int("query_block_size", self.query_block_size, 1, power_of_two=True)
+
+    def q_block_size(self, q_len: int) -> int:
+        """Query block size for a step of ``q_len`` queries: 1 in decode, else the configured size."""
+        return 1 if q_len == 1 else (self.query_block_size or self.block_size)
+
+    def select(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext) -> Selection:
+        """Choose key blocks for each query block.
+
+        Args:
+            q: ``[B, Hq, Tq, D]`` post-RoPE queries of this step.
+            summaries: ``[B, Hkv, Nblk, R, D]`` float32 block summaries from the layer's BlockIndex (None when
+                ``summary`` is None).
+            ctx: step context.
+
+        Returns:
+            Selection ``[B, H, Qblk, S]``.
+        """
+        qbs = self.q_block_size(q.shape[2])
+        return Selection.from_mask(self.block_mask(q, summaries, ctx, qbs), qbs, self.block_size)
+
+    def block_mask(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int) -> Tensor:
+        """``[B, H, Qblk, Nblk]`` bool mask of selected blocks; the static part is sinks + window."""
+        b, hq, tq, _ = q.shape
+        return self.static_mask(tq, ctx, qbs).expand(b, hq, -1, -1)
+
+    def static_mask(self, q_len: int, ctx: SelectionContext, qbs: int) -> Tensor:
+        """Sinks + local window, causal: ``[1, 1, Qblk, Nblk]`` bool."""
+        bs = self.block_size
+        nkb = -(-ctx.kv_len // bs)
+        first, last = self._query_span(q_len, ctx, qbs)
+        blocks = torch.arange(nkb, device=first.device).view(1, -1)
+        lo = (first - self.window).clamp(min=0) // bs
+        lo = torch.minimum(lo, first // bs)
+        window = (blocks >= lo.view(-1, 1)) & (blocks <= (last // bs).view(-1, 1))
+        sinks = blocks < -(-self.sink_tokens // bs)
+        causal = blocks <= (last // bs).view(-1, 1)
+        return ((sinks & causal) | window).view(1, 1, -1, nkb)
+
+    def causal_block_mask(self, q_len: int, ctx: SelectionContext, qbs: int) -> Tensor:
+        """Blocks holding at least one key some query of the block may see: ``[1, 1, Qblk, Nblk]`` bool."""
+        nkb = -(-ctx.kv_len // self.block_size)
+        _, last = self._query_span(q_len, ctx, qbs)
+        blocks = torch.arange(nkb, device=last.device).view(1, -1)
+        return (blocks <= (last // self.block_size).view(-1, 1)).view(1, 1, -1, nkb)
+
+    def _query_span(self, q_len: int, ctx: SelectionContext, qbs: int) -> tuple[Tensor, Tensor]:
+        nqb = -(-q_len // qbs)
+        first = ctx.q_offset + torch.arange(nqb, device=ctx.device) * qbs
+        last = torch.clamp(first + qbs, max=ctx.q_offset + q_len) - 1
+        return first, last
+
+
+@dataclass
+class TopKMethod(Method):
+    """Sinks + window + the ``top_k`` highest-scoring other blocks. Subclasses define ``score``."""
+
+    top_k: int = 8
+    """Key blocks retrieved per query block beyond the sinks and the window."""
+    share_kv_heads: bool = False
+    """One selection per KV head (max score over its query heads): cheaper, coarser."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("top_k", self.top_k, 0)
+        if not isinstance(self.share_kv_heads, bool):
+            raise ValueError(f"share_kv_heads must be a bool, got {self.share_kv_heads!r}")
+
+    def score(self, q: Tensor, summaries: Tensor) -> Tensor:
+        """Per-query block scores: ``q [B, Hq, Tq, D]``, summaries ``[B, Hkv, Nblk, R, D]`` -> ``[B, Hq, Tq, Nblk]``."""
+        raise NotImplementedError
+
+    def block_mask(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int) -> Tensor:
+        if summaries is None:
+            raise ValueError(f"method {self.name!r} needs block summaries ({self.summary!r}), got None")
+        b, hq, tq, _ = q.shape
+        static = self.static_mask(tq, ctx, qbs)
+        scores = self.pooled_scores(q, summaries, qbs)  # [B, Hq, Qblk, Nblk]
+        if self.share_kv_heads:
+            scores = scores.view(b, ctx.num_kv_heads, -1, *scores.shape[2:]).amax(dim=2)
+        eligible = self.causal_block_mask(tq, ctx, qbs) & ~static
+        if ctx.key_mask is not None:
+            nkb = scores.shape[-1]
+            pad = nkb * self.block_size - ctx.kv_len
+            has_key = torch.nn.functional.pad(ctx.key_mask, (0, pad)).view(b, nkb, -1).any(-1)
+            eligible = eligible & has_key.view(b, 1, 1, nkb)
+        scores = scores.masked_fill(~eligible, float("-inf"))
+        k = min(self.top_k, scores.shape[-1])
+        picked = torch.zeros_like(eligible.expand_as(scores))
+        if k > 0:
+            top = scores.topk(k, dim=-1)
+            picked = picked.scatter(-1, top.indices, torch.isfinite(top.values))
+        return static | picked
+
+    def pooled_scores(self, q: Tensor, summaries: Tensor, qbs: int) -> Tensor:
+        """Max over each query block's queries of the per-query scores: ``[B, Hq, Qblk, Nblk]`` float32.
+
+        The max keeps a block that any single query of the block needs, the closest shared selection gets
+        to per-token retrieval. Chunked over query blocks so the ``[Tq, Nblk]`` scores never exist at once.
+        """
+        b, hq, tq, d = q.shape
+        nqb = -(-tq // qbs)
+        nkb = summaries.shape[2]
+        q = torch.nn.functional.pad(q, (0, 0, 0, nqb * qbs - tq))
+        # Padded query rows score like real ones would break the max; mark them to drop.
+        real = (torch.arange(nqb * qbs, device=q.device) < tq).view(nqb, qbs, 1)
+        step = max(1, _SCORE_CHUNK_ELEMENTS // max(1, b * hq * qbs * nkb))
+        out = []
+        for s in range(0, nqb, step):
+            e = min(nqb, s + step)
+            part = self.score(q[:, :, s * qbs : e * qbs], summaries).view(b, hq, e - s, qbs, nkb)
+            part = part.masked_fill(~real[s:e], float("-inf"))
+            out.append(part.amax(dim=3))
+        return torch.cat(out, dim=2)
+
+
+def group_queries(q: Tensor, num_kv_heads: int) -> Tensor:
+    """``[B, Hq, T, D] -> [B, Hkv, G, T, D]`` float32, query heads grouped by the KV head they read."""
+    b, hq, t, d = q.shape
+    return q.float().view(b, num_kv_heads, hq // num_kv_heads, t, d)

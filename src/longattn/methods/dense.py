@@ -1,0 +1,26 @@
+"""Dense causal attention expressed as a Selection: every block up to the diagonal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from longattn.methods.base import Method, SelectionContext
+
+
+@dataclass
+class Dense(Method):
+    """Full causal attention through the block-sparse operator: the reference every method is measured against.
+
+    Selecting every causal block must reproduce ``scaled_dot_product_attention``; ``sink_tokens`` and
+    ``window`` have no effect because everything is kept.
+    """
+
+    name: ClassVar[str] = "dense"
+    paper: ClassVar[str] = "Attention Is All You Need (Vaswani et al., 2017) https://arxiv.org/abs/1706.03762"
+
+    def block_mask(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int) -> Tensor:
+        b, hq, tq, _ = q.shape
+        return self.causal_block_mask(tq, ctx, qbs).expand(b, hq, -1, -1)

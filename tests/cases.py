@@ -1,0 +1,34 @@
+"""Every method with configs from easy to hard, for the parametrised tests.
+
+`full` overrides give the method a budget that covers every block: its output must then equal dense
+attention. `small` is the case's own config, a budget far below the test length: it must differ from dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    config: dict[str, Any]
+    full: dict[str, Any] = field(default_factory=dict)
+    sparse: bool = True  # False for dense, which has no budget to shrink
+
+    @property
+    def id(self) -> str:
+        return self.name + "".join(f"-{k}{v}" for k, v in self.config.items())
+
+
+CASES = [
+    Case("dense", {}, sparse=False),
+    Case("dense", {"block_size": 16, "query_block_size": 32}, sparse=False),
+    Case("streaming", {"block_size": 16, "sink_tokens": 4, "window": 16}, full={"window": 1 << 20}),
+    Case("streaming", {"block_size": 32, "sink_tokens": 64, "window": 0}, full={"window": 1 << 20}),
+    Case("moba", {"block_size": 16, "top_k": 2, "window": 16}, full={"top_k": 1 << 10}),
+    Case("moba", {"block_size": 16, "top_k": 1, "window": 0, "sink_tokens": 0}, full={"top_k": 1 << 10}),
+    Case("moba", {"block_size": 32, "query_block_size": 16, "top_k": 1, "window": 32}, full={"top_k": 1 << 10}),
+    Case("moba", {"block_size": 16, "top_k": 2, "window": 16, "share_kv_heads": True}, full={"top_k": 1 << 10}),
+]

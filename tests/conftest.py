@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random models built in memory, and the real default model loaded once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def tiny_config(model_type: str = "llama", **overrides):
+    """A 2-layer GQA config (4 query / 2 KV heads, head dim 16) of a Llama-family architecture."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    base = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0,
+    )
+    base.update(overrides)
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[model_type]
+    if model_type == "mistral":
+        base.setdefault("sliding_window", None)
+    return cls(**base)
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), attn_implementation="sdpa")
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded SmolLM2-135M-Instruct and its tokenizer (loaded once per test session, ~40 s on CPU)."""
+    import longattn
+
+    return longattn.load_model()

@@ -1,0 +1,30 @@
+"""Selection: the BlockMask-compatible layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longattn.core.selection import Selection
+
+
+def test_from_mask_layout_and_roundtrip():
+    mask = torch.tensor([[[[True, False, True, False], [False, False, False, False]]]])
+    sel = Selection.from_mask(mask, 4, 4)
+    assert sel.indices.dtype == torch.int32 and sel.counts.dtype == torch.int32
+    assert sel.indices.tolist() == [[[[0, 2], [-1, -1]]]]
+    assert sel.counts.tolist() == [[[2, 0]]]
+    assert torch.equal(sel.to_mask(4), mask)
+
+
+def test_validation_messages():
+    sel = Selection.from_mask(torch.ones(1, 2, 2, 2, dtype=torch.bool), 16, 16)
+    with pytest.raises(ValueError, match="batch"):
+        sel.validate(32, 32, 2, 1, batch=2)
+    bad_order = Selection(torch.tensor([[[[-1, 0]]]], dtype=torch.int32), torch.tensor([[[1]]], dtype=torch.int32), 4, 4)
+    with pytest.raises(ValueError, match="valid entries first"):
+        bad_order.validate(4, 4, 1, 1, 1)
+    with pytest.raises(ValueError, match="counts must be"):
+        Selection(sel.indices, sel.counts[:, :1], 16, 16)
+    with pytest.raises(ValueError, match="mask must be"):
+        Selection.from_mask(torch.ones(2, 2, 2), 4, 4)

@@ -1,0 +1,175 @@
+"""Every method on a tiny random Llama: full budget == sdpa, small budget != sdpa; plus property tests."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import longattn
+from longattn.core.index import BlockIndex
+from longattn.methods import SelectionContext
+from longattn.ops import block_sparse_attention
+from tests.cases import CASES, Case
+from tests.conftest import tiny_model
+
+LENGTH = 200  # prompt tokens: 13 blocks of 16, not a multiple of any block size used
+
+
+def _prompt(batch: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, LENGTH), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    ids = _prompt()
+    with torch.no_grad():
+        logits = model(ids).logits
+        generated = model.generate(ids, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    return ids, logits, generated
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_full_budget_equals_sdpa_in_prefill_and_decode(case: Case, model, reference):
+    ids, ref_logits, ref_generated = reference
+    method = longattn.get_method(case.name, **{**case.config, **case.full})
+    with torch.no_grad(), longattn.apply(model, method) as session:
+        logits = model(ids).logits
+        assert session.prefill_stats.density == pytest.approx(1.0)
+        generated = model.generate(ids, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(generated, ref_generated)
+    # Decode logits, step by step, with the model's own cache.
+    tokens = [generated[:, LENGTH + i : LENGTH + i + 1] for i in range(5)]
+    torch.testing.assert_close(_decode_logits(model, ids, tokens, method), _decode_logits(model, ids, tokens, None),
+                               atol=1e-4, rtol=1e-4)
+
+
+def _decode_logits(model, ids, tokens, method):
+    """Last-position logits of a prefill followed by one decode step per token: ``[steps + 1, vocab]``."""
+    with torch.no_grad(), (longattn.apply(model, method) if method else contextlib.nullcontext()):
+        out = model(ids, use_cache=True)
+        rows = [out.logits[0, -1]]
+        for token in tokens:
+            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+            rows.append(out.logits[0, -1])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.sparse], ids=[c.id for c in CASES if c.sparse])
+def test_small_budget_differs_from_sdpa(case: Case, model, reference):
+    ids, ref_logits, _ = reference
+    with torch.no_grad(), longattn.apply(model, longattn.get_method(case.name, **case.config)) as session:
+        logits = model(ids).logits
+    assert session.prefill_stats.density < 0.9
+    assert (logits - ref_logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_apply_restores_model_on_exit_and_on_error(case: Case, model):
+    method = longattn.get_method(case.name, **case.config)
+    before = model.config._attn_implementation
+    with longattn.apply(model, method):
+        assert model.config._attn_implementation == "longattn"
+    assert model.config._attn_implementation == before
+    with pytest.raises(KeyError):
+        with longattn.apply(model, method):
+            raise KeyError("boom")
+    assert model.config._attn_implementation == before
+    assert not any(hasattr(m, "_longattn_session") for m in model.modules())
+
+
+# --------------------------------------------------------------------- property tests on the operator level
+
+
+def _run_method(method, q, k):
+    b, hq, tq, _ = q.shape
+    index = BlockIndex(method.block_size, method.summary) if method.summary else None
+    ctx = SelectionContext(kv_len=k.shape[2], q_offset=k.shape[2] - tq, layer=0, num_kv_heads=k.shape[1])
+    return method.select(q, index.update(k, 0) if index else None, ctx)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    case=st.sampled_from([c for c in CASES if c.sparse]),
+    tk=st.integers(1, 300),
+    decode=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_full_budget_is_dense_and_causal(case, tk, decode, seed):
+    g = torch.Generator().manual_seed(seed)
+    tq = 1 if decode else tk
+    q = torch.randn(1, 4, tq, 8, generator=g)
+    k = torch.randn(1, 2, tk, 8, generator=g)
+    v = torch.randn(1, 2, tk, 8, generator=g)
+    full = longattn.get_method(case.name, **{**case.config, **case.full})
+    sel = _run_method(full, q, k)
+    out, _ = block_sparse_attention(q, k, v, sel)
+    dense_sel = _run_method(longattn.get_method("dense", block_size=full.block_size), q, k)
+    dense, _ = block_sparse_attention(q, k, v, dense_sel)
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-4)
+    # Causality of the selection: a query block's blocks never start after its last query.
+    qbs = sel.q_block_size
+    last = (tk - tq + torch.arange(sel.num_q_blocks) * qbs + qbs - 1).clamp(max=tk - 1)
+    starts = torch.where(sel.indices >= 0, sel.indices * full.block_size, torch.zeros_like(sel.indices))
+    assert bool((starts <= last.view(1, 1, -1, 1)).all())
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.sparse], ids=[c.id for c in CASES if c.sparse])
+def test_future_keys_do_not_change_past_outputs(case):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 256, 8, generator=g)
+    k = torch.randn(1, 2, 256, 8, generator=g)
+    v = torch.randn(1, 2, 256, 8, generator=g)
+    method = longattn.get_method(case.name, **case.config)
+    out, _ = block_sparse_attention(q, k, v, _run_method(method, q, k))
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 128:] = torch.randn(1, 2, 128, 8, generator=g)
+    v2[:, :, 128:] = torch.randn(1, 2, 128, 8, generator=g)
+    q2 = q.clone()
+    q2[:, :, 128:] = torch.randn(1, 4, 128, 8, generator=g)
+    out2, _ = block_sparse_attention(q2, k2, v2, _run_method(method, q2, k2))
+    # Query blocks end at multiples of 16 or 32, so rows before 128 lie in blocks that end by 128.
+    torch.testing.assert_close(out[:, :, :128], out2[:, :, :128])
+
+
+def test_shared_kv_heads_selects_per_kv_head():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 64, 8, generator=g), torch.randn(1, 2, 64, 8, generator=g)
+    shared = _run_method(longattn.get_method("moba", block_size=16, top_k=1, window=0, share_kv_heads=True), q, k)
+    per_head = _run_method(longattn.get_method("moba", block_size=16, top_k=1, window=0), q, k)
+    assert shared.num_heads == 2 and per_head.num_heads == 4
+
+
+# --------------------------------------------------------------------------------------- registry and config
+
+
+def test_registry_lists_foundation_methods():
+    assert {"dense", "streaming", "moba"} <= set(longattn.list_methods())
+
+
+@pytest.mark.parametrize(
+    "name, config, match",
+    [
+        ("nope", {}, "unknown method name"),
+        ("moba", {"top_k": -1}, "top_k"),
+        ("moba", {"block_size": 0}, "block_size"),
+        ("moba", {"block_size": 48}, "block_size must be a power of two"),
+        ("streaming", {"window": -5}, "window"),
+        ("streaming", {"sink_tokens": 1.5}, "sink_tokens"),
+        ("dense", {"query_block_size": 3}, "query_block_size"),
+        ("moba", {"topk": 3}, "no option"),
+        ("moba", {"share_kv_heads": "yes"}, "share_kv_heads"),
+    ],
+)
+def test_bad_config_raises_value_error(name, config, match):
+    with pytest.raises(ValueError, match=match):
+        longattn.get_method(name, **config)

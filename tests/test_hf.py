@@ -1,0 +1,120 @@
+"""Hugging Face integration: padding, architectures, errors, loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import longattn
+from longattn.hf import load_model
+from tests.conftest import tiny_model
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_left_padded_batch_matches_sdpa(model_type):
+    model = tiny_model(model_type)
+    ids = torch.randint(0, 256, (3, 150), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :41] = 0
+    mask[2, :7] = 0
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        ref_gen = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+        with longattn.apply(model, longattn.get_method("moba", block_size=16, top_k=64)):
+            out = model(ids, attention_mask=mask).logits
+            gen = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    valid = mask.bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=1e-4, rtol=1e-4)
+    assert torch.equal(gen, ref_gen)
+
+
+def test_batch_rows_are_independent_under_a_sparse_method():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (2, 160), generator=torch.Generator().manual_seed(2))
+    method = longattn.get_method("moba", block_size=16, top_k=1, window=16)
+    with torch.no_grad(), longattn.apply(model, method):
+        both = model(ids).logits
+        first = model(ids[:1]).logits
+    torch.testing.assert_close(both[:1], first, atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_architecture_raises():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="model type 'gpt2' is not supported"):
+        longattn.apply(model, longattn.get_method("dense"))
+
+
+def test_sliding_window_model_raises():
+    model = tiny_model("mistral", sliding_window=64)
+    with pytest.raises(ValueError, match="sliding_window"):
+        longattn.apply(model, longattn.get_method("dense"))
+
+
+def test_custom_4d_mask_is_refused():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 20))
+    mask4d = torch.ones(1, 1, 20, 20, dtype=torch.bool).tril()
+    with longattn.apply(model, longattn.get_method("dense")), pytest.raises(ValueError, match="4-D"):
+        model(ids, attention_mask=mask4d)
+
+
+def test_static_cache_is_refused():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 20))
+    with longattn.apply(model, longattn.get_method("dense")), pytest.raises(ValueError, match="DynamicCache"):
+        model.generate(ids, max_new_tokens=2, cache_implementation="static")
+
+
+def test_nested_apply_is_refused_and_state_is_clean():
+    model = tiny_model("llama")
+    method = longattn.get_method("dense")
+    with longattn.apply(model, method):
+        with pytest.raises(RuntimeError, match="already active"):
+            with longattn.apply(model, method):
+                pass
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_outside_apply_the_function_refuses_to_run():
+    model = tiny_model("llama")
+    with longattn.apply(model, longattn.get_method("dense")):
+        pass
+    model.config._attn_implementation_internal = "longattn"
+    try:
+        with pytest.raises(RuntimeError, match="only runs inside"):
+            model(torch.randint(0, 256, (1, 8)))
+    finally:
+        model.config._attn_implementation_internal = "sdpa"
+
+
+def test_apply_rejects_non_methods_and_bad_backend():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="method must be"):
+        longattn.apply(model, "moba")
+    with pytest.raises(ValueError, match="backend"):
+        longattn.apply(model, longattn.get_method("dense"), backend="gpu")
+
+
+def test_load_model_refuses_missing_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(FileNotFoundError, match="no such GGUF"):
+        load_model(tmp_path / "missing.gguf")
+    with pytest.raises(ValueError, match="dtype"):
+        load_model(dtype=torch.int8)
+
+
+def test_load_model_from_a_local_checkpoint_directory(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    raw = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)} | {"[UNK]": 0}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]").save_pretrained(tmp_path)
+    loaded, tok = load_model(tmp_path)
+    ids = tok("w1 w2 w3", return_tensors="pt").input_ids
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
