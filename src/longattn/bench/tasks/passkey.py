@@ -8,7 +8,9 @@ from typing import Any
 
 from longattn.bench.tasks.base import Example
 
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+# Filler is cycled one sentence at a time: a sentence is ~5 tokens, fine enough to land within 1% of any
+# length >= 500 tokens.
+FILLER = ("The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ", "There and back again. ")
 INTRO = "There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
 QUESTION = "What is the pass key? The pass key is"
 
@@ -21,32 +23,47 @@ def _count(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _filler(start: int, n: int) -> str:
+    return "".join(FILLER[i % len(FILLER)] for i in range(start, start + n))
+
+
+def _build(needle: str, n: int, depth: float) -> str:
+    before = round(n * depth)
+    return INTRO + _filler(0, before) + needle + _filler(before, n - before) + QUESTION
+
+
 def make(tokenizer: Any, length: int, depth: float, seed: int) -> Example:
-    """A passkey prompt of ``length`` tokens (within 1%) with the needle at relative ``depth`` in [0, 1].
+    """A passkey prompt of ``length`` tokens (within 1%, or 3 tokens for short prompts) with the needle at
+    relative ``depth`` in [0, 1] of the filler.
 
     The same ``(length, depth, seed)`` gives the same prompt. The prompt is plain text completed by the model
     (no chat template): the question ends with "The pass key is", so the key is the continuation.
     """
-    if not isinstance(length, int) or length < 64:
-        raise ValueError(f"length must be an integer >= 64 tokens, got {length!r}")
+    if not isinstance(length, int) or length < 128:
+        raise ValueError(f"length must be an integer >= 128 tokens, got {length!r}")
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must lie in [0, 1], got {depth!r}")
     key = f"{random.Random(seed).randint(10000, 99999)}"
     needle = _needle(key)
     fixed = _count(tokenizer, INTRO + needle + QUESTION)
-    per_filler = _count(tokenizer, FILLER * 8) / 8
-    n_filler = max(0, round((length - fixed) / per_filler))
-    before = round(n_filler * depth)
-    prompt = INTRO + FILLER * before + needle + FILLER * (n_filler - before) + QUESTION
-    # Tokenisation is not exactly additive at the seams; trim or add fillers until within 1%.
-    actual = _count(tokenizer, prompt)
-    while abs(actual - length) > 0.01 * length and n_filler > 0:
-        n_filler += 1 if actual < length else -1
-        before = round(n_filler * depth)
-        prompt = INTRO + FILLER * before + needle + FILLER * (n_filler - before) + QUESTION
+    per_sentence = _count(tokenizer, _filler(0, 50)) / 50
+    n = max(0, round((length - fixed) / per_sentence))
+    tolerance = max(0.01 * length, 3)
+    best: tuple[float, int, str] | None = None
+    # Tokenisation is not additive at the seams: correct the sentence count a few times, keep the closest.
+    for _ in range(8):
+        prompt = _build(needle, n, depth)
         actual = _count(tokenizer, prompt)
-    meta = {"task": "passkey", "length": length, "tokens": actual, "depth": depth, "seed": seed}
-    return Example(prompt=prompt, answer=key, meta=meta)
+        if best is None or abs(actual - length) < best[0]:
+            best = (abs(actual - length), actual, prompt)
+        if abs(actual - length) <= tolerance:
+            break
+        n = max(0, n + round((length - actual) / per_sentence) or (1 if actual < length else -1))
+    assert best is not None
+    if best[0] > tolerance:
+        raise ValueError(f"could not build a passkey prompt of {length} tokens with this tokenizer (closest {best[1]})")
+    meta = {"task": "passkey", "length": length, "tokens": best[1], "depth": depth, "seed": seed}
+    return Example(prompt=best[2], answer=key, meta=meta)
 
 
 def score(example: Example, output: str) -> float:

@@ -5,9 +5,21 @@ from __future__ import annotations
 from torch import Tensor
 
 from longattn.core.selection import Selection
+from longattn.ops.block_sparse.cpu import block_sparse_attention_cpu, cpu_kernel_available
 from longattn.ops.block_sparse.reference import block_sparse_attention_reference
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "cpu")
+
+
+def resolve_backend(backend: str, device_type: str) -> str:
+    """The backend "auto" stands for on ``device_type``; a forced backend that cannot run raises."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "cpu" if device_type == "cpu" and cpu_kernel_available() else "reference"
+    if backend == "cpu" and device_type != "cpu":
+        raise ValueError(f"backend='cpu' runs on CPU tensors only, got {device_type} tensors")
+    return backend
 
 
 def block_sparse_attention(
@@ -26,17 +38,22 @@ def block_sparse_attention(
 
     Args:
         q: ``[B, Hq, Tq, D]``; k, v: ``[B, Hkv, Tk, D]``; selection: ``[B, H, Qblk, S]`` with H in {Hq, Hkv}.
-        backend: one of ``BACKENDS``; "auto" picks the fastest available for the device (today: reference).
+        backend: one of ``BACKENDS``: "reference" (plain PyTorch), "cpu" (fused CPU kernel per chunk), or
+            "auto" (cpu on CPU tensors, else reference).
 
     Returns:
         ``out [B, Hq, Tq, D]`` and ``lse [B, Hq, Tq]`` float32. See
         :func:`~longattn.ops.block_sparse.reference.block_sparse_attention_reference` for the full contract.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return block_sparse_attention_reference(
-        q, k, v, selection, scale, causal=causal, key_mask=key_mask, q_offset=q_offset
-    )
+    chosen = resolve_backend(backend, q.device.type)
+    fn = block_sparse_attention_cpu if chosen == "cpu" else block_sparse_attention_reference
+    return fn(q, k, v, selection, scale, causal=causal, key_mask=key_mask, q_offset=q_offset)
 
 
-__all__ = ["BACKENDS", "block_sparse_attention", "block_sparse_attention_reference"]
+__all__ = [
+    "BACKENDS",
+    "block_sparse_attention",
+    "block_sparse_attention_cpu",
+    "block_sparse_attention_reference",
+    "resolve_backend",
+]

@@ -8,15 +8,20 @@ dense causal SDPA once density is low (see benchmarks/attention_op.py).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from longattn.core.selection import Selection
 
-# Elements of the per-chunk score tensor; ~32 MiB in float32 keeps the working set in cache-friendly pieces
-# while amortising Python overhead over many query blocks.
-_CHUNK_ELEMENTS = 1 << 23
+# Elements of the per-chunk score tensor: 8 MiB of float32 keeps a chunk's working set near the caches
+# (measured best on a 2-core CPU between 2^18 and 2^23) while amortising Python overhead.
+_CHUNK_ELEMENTS = 1 << 21
+
+# attend(q [..., rows, D] scaled fp32, k, v [..., keys, D], key_pos [..., 1, keys], row_pos [..., rows, 1])
+#   -> (out [..., rows, D] fp32, lse [..., rows]); key j is visible to row r iff key_pos[j] <= row_pos[r].
+Attend = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def check_inputs(
@@ -74,40 +79,57 @@ def block_sparse_attention_reference(
         ``out [B, Hq, Tq, D]`` in q's dtype and ``lse [B, Hq, Tq]`` float32 (natural log). A row with no
         attendable key gets ``out = 0`` and ``lse = -inf`` so that merging stays exact.
     """
+    return gathered_attention(q, k, v, selection, scale, causal, key_mask, q_offset, attend_plain)
+
+
+def gathered_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    selection: Selection,
+    scale: float | None,
+    causal: bool,
+    key_mask: Tensor | None,
+    q_offset: int | None,
+    attend: Attend,
+) -> tuple[Tensor, Tensor]:
+    """Chunked gather of the selected key blocks, handing each chunk to ``attend``. Shapes as in
+    :func:`block_sparse_attention_reference`; only the selected keys are ever copied (never the whole cache).
+    """
     offset = check_inputs(q, k, v, selection, key_mask, q_offset)
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     hs = selection.num_heads
     bs, qbs = selection.kv_block_size, selection.q_block_size
     nqb = selection.num_q_blocks
-    nkb = -(-tk // bs)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     heads_per_sel = hq // hs  # query heads that share one selection row
     sel_per_kv = hs // hkv  # selection heads per KV head
+    device = q.device
+    beyond = tk + 1  # a position after every query: marks invalid keys
 
-    # Pad keys to whole blocks; the padded slots are masked by position below.
-    pad_k = nkb * bs - tk
-    kb = torch.nn.functional.pad(k, (0, 0, 0, pad_k)).view(b, hkv, nkb, bs, d)
-    vb = torch.nn.functional.pad(v, (0, 0, 0, pad_k)).view(b, hkv, nkb, bs, d)
-    valid_key = torch.ones(b, tk, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
-    valid_key = torch.nn.functional.pad(valid_key, (0, pad_k), value=False).view(b, 1, nkb, bs)
+    # Token rows of the cache as [B*Hkv*Tk, D] (a view for the contiguous caches HF keeps).
+    krows, vrows = k.reshape(b * hkv * tk, d), v.reshape(b * hkv * tk, d)
+    valid_rows = None if key_mask is None else key_mask.reshape(b * tk)
 
     # Rows of one selection head: its query heads x the query block's tokens.  q: [B, Hq, Tq, D] ->
-    # [B, Hs, Qblk, heads_per_sel * qbs, D]
+    # [B, Hs, Qblk, heads_per_sel * qbs, D]; the softmax scale is folded into q once.
     pad_q = nqb * qbs - tq
-    qr = torch.nn.functional.pad(q, (0, 0, 0, pad_q)).view(b, hs, heads_per_sel, nqb, qbs, d)
+    qr = (torch.nn.functional.pad(q, (0, 0, 0, pad_q)).float() * scale).view(b, hs, heads_per_sel, nqb, qbs, d)
     qr = qr.permute(0, 1, 3, 2, 4, 5).reshape(b, hs, nqb, heads_per_sel * qbs, d)
     rows = heads_per_sel * qbs
-    # Position of each row: [Qblk, rows]
-    row_pos = offset + (torch.arange(nqb, device=q.device) * qbs).unsqueeze(1) + (
-        torch.arange(rows, device=q.device) % qbs
+    # Position of each row: [Qblk, rows]; without causality every row may see every valid key.
+    row_pos = offset + (torch.arange(nqb, device=device) * qbs).unsqueeze(1) + (
+        torch.arange(rows, device=device) % qbs
     ).unsqueeze(0)
+    if not causal:
+        row_pos = torch.full_like(row_pos, tk)
 
     out = q.new_zeros((b, hs, nqb, rows, d))
-    lse = torch.full((b, hs, nqb, rows), float("-inf"), dtype=torch.float32, device=q.device)
-    bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
-    kvh = (torch.arange(hs, device=q.device) // sel_per_kv).view(1, hs, 1, 1)
-    in_block = torch.arange(bs, device=q.device)
+    lse = torch.full((b, hs, nqb, rows), float("-inf"), dtype=torch.float32, device=device)
+    bi = torch.arange(b, device=device).view(b, 1, 1, 1, 1)
+    row_base = (bi * hkv + (torch.arange(hs, device=device) // sel_per_kv).view(1, hs, 1, 1, 1)) * tk
+    in_block = torch.arange(bs, device=device)
 
     per_block = max(1, b * hs * rows * bs)
     # One host sync for all widths; the width of a chunk is its own max count, so early (short) query blocks
@@ -124,10 +146,21 @@ def block_sparse_attention_reference(
                 break
             width, stop = w, stop + 1
         if width > 0:
-            _attend_chunk(
-                qr, kb, vb, valid_key, selection.indices, row_pos, out, lse,
-                start, stop, width, bi, kvh, in_block, scale, causal, tk,
-            )
+            c = stop - start
+            idx = selection.indices[:, :, start:stop, :width].long()  # [B, Hs, C, W]
+            pos = idx.unsqueeze(-1) * bs + in_block  # [B, Hs, C, W, bs]
+            ok = (idx.unsqueeze(-1) >= 0) & (pos < tk)
+            pos = pos.clamp(0, tk - 1)
+            flat = (row_base + pos).flatten()
+            kg = krows.index_select(0, flat).view(b, hs, c, width * bs, d)
+            vg = vrows.index_select(0, flat).view(b, hs, c, width * bs, d)
+            if valid_rows is not None:
+                ok &= valid_rows.index_select(0, (bi * tk + pos).flatten()).view(pos.shape)
+            # Invalid keys get a position after every query, so one comparison applies causality and validity.
+            key_pos = torch.where(ok, pos, beyond).view(b, hs, c, 1, width * bs)
+            o, l = attend(qr[:, :, start:stop], kg, vg, key_pos, row_pos[start:stop].view(1, 1, c, rows, 1))
+            out[:, :, start:stop] = o.to(out.dtype)
+            lse[:, :, start:stop] = l
         start = stop
 
     out = out.view(b, hs, nqb, heads_per_sel, qbs, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hq, nqb * qbs, d)
@@ -135,31 +168,21 @@ def block_sparse_attention_reference(
     return out[:, :, :tq], lse[:, :, :tq]
 
 
-def _attend_chunk(
-    qr: Tensor, kb: Tensor, vb: Tensor, valid_key: Tensor, indices: Tensor, row_pos: Tensor,
-    out: Tensor, lse: Tensor, start: int, stop: int, width: int,
-    bi: Tensor, kvh: Tensor, in_block: Tensor, scale: float, causal: bool, tk: int,
-) -> None:
-    """Attention for query blocks ``[start, stop)`` over their first ``width`` selected blocks, in place."""
-    idx = indices[:, :, start:stop, :width].long()  # [B, Hs, C, W]
-    used = idx >= 0
-    idx = idx.clamp(min=0)
-    b, hs, c, w = idx.shape
-    bs, d = kb.shape[3], kb.shape[4]
-    kg = kb[bi, kvh, idx].reshape(b, hs, c, w * bs, d)  # [B, Hs, C, W*bs, D]
-    vg = vb[bi, kvh, idx].reshape(b, hs, c, w * bs, d)
-    key_pos = (idx.unsqueeze(-1) * bs + in_block).reshape(b, hs, c, w * bs)
-    ok = (used.unsqueeze(-1) & valid_key[bi, 0, idx]).reshape(b, hs, c, w * bs) & (key_pos < tk)
-    q = qr[:, :, start:stop]  # [B, Hs, C, rows, D]
-    scores = torch.matmul(q.float(), kg.float().transpose(-1, -2)).mul_(scale)  # [B, Hs, C, rows, W*bs]
-    allowed = ok.unsqueeze(-2)
-    if causal:
-        allowed = allowed & (key_pos.unsqueeze(-2) <= row_pos[start:stop].view(1, 1, c, -1, 1))
-    scores.masked_fill_(~allowed, float("-inf"))
+def attend_plain(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, row_pos: Tensor) -> tuple[Tensor, Tensor]:
+    """Masked softmax attention of gathered keys, step by step in float32.
+
+    Args:
+        q: ``[..., rows, D]`` float32, already scaled; k, v: ``[..., keys, D]``.
+        key_pos: ``[..., 1, keys]`` key positions (invalid keys beyond every row); row_pos: ``[..., rows, 1]``.
+
+    Returns:
+        ``out [..., rows, D]`` float32 and ``lse [..., rows]``; rows without a key give 0 and ``-inf``.
+    """
+    scores = torch.matmul(q, k.float().transpose(-1, -2))
+    scores.masked_fill_(key_pos > row_pos, float("-inf"))
     m = scores.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(scores - m)
+    # Shifting empty rows by 0 keeps them at exp(-inf) = 0 instead of NaN.
+    p = scores.sub_(torch.where(torch.isfinite(m), m, torch.zeros_like(m))).exp_()
     denom = p.sum(dim=-1, keepdim=True)
-    o = torch.matmul(p, vg.float()) / denom.clamp(min=torch.finfo(torch.float32).tiny)
-    out[:, :, start:stop] = torch.where(denom > 0, o, torch.zeros_like(o)).to(out.dtype)
-    lse[:, :, start:stop] = (m + denom.log()).squeeze(-1)
+    out = torch.matmul(p, v.float()).div_(denom.clamp(min=torch.finfo(torch.float32).tiny))
+    return out, (m + denom.log()).squeeze(-1)
