@@ -24,7 +24,8 @@ class Case:
 
 CASES = [
     Case("dense", {}, sparse=False),
-    Case("dense", {"block_size": 16, "query_block_size": 32}, sparse=False),
+    Case("dense", {"use_sdpa": False}, sparse=False),
+    Case("dense", {"block_size": 16, "query_block_size": 32, "use_sdpa": False}, sparse=False),
     Case("streaming", {"block_size": 16, "sink_tokens": 4, "window": 16}, full={"window": 1 << 20}),
     Case("streaming", {"block_size": 32, "sink_tokens": 64, "window": 0}, full={"window": 1 << 20}),
     Case("moba", {"block_size": 16, "top_k": 2, "window": 16}, full={"top_k": 1 << 10}),

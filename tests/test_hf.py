@@ -10,8 +10,9 @@ from longattn.hf import load_model
 from tests.conftest import tiny_model
 
 
+@pytest.mark.parametrize("config", [("moba", {"block_size": 16, "top_k": 64}), ("dense", {})], ids=["moba-full", "dense-sdpa"])
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
-def test_left_padded_batch_matches_sdpa(model_type):
+def test_left_padded_batch_matches_sdpa(model_type, config):
     model = tiny_model(model_type)
     ids = torch.randint(0, 256, (3, 150), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
@@ -20,7 +21,7 @@ def test_left_padded_batch_matches_sdpa(model_type):
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).logits
         ref_gen = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, min_new_tokens=4)
-        with longattn.apply(model, longattn.get_method("moba", block_size=16, top_k=64)):
+        with longattn.apply(model, longattn.get_method(config[0], **config[1])):
             out = model(ids, attention_mask=mask).logits
             gen = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, min_new_tokens=4)
     valid = mask.bool()

@@ -20,6 +20,7 @@ from longattn.core.index import BlockIndex
 from longattn.core.selection import causal_pairs
 from longattn.methods.base import Method, SelectionContext
 from longattn.ops.block_sparse import BACKENDS, block_sparse_attention
+from longattn.ops.dense import dense_attention
 
 ATTENTION_NAME = "longattn"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -129,6 +130,10 @@ class Session:
         ctx = SelectionContext(
             kv_len=tk, q_offset=tk - tq, layer=layer, num_kv_heads=hkv, key_mask=key_mask, device=q.device
         )
+        if getattr(self.method, "use_sdpa", False):
+            out = dense_attention(q, k, v, scale, key_mask)
+            self._count(tq, tk, b * hq * causal_pairs(tq, tk), b * hq)
+            return out.transpose(1, 2).contiguous()
         summaries = None
         if self.index is not None:
             if tq == tk:
@@ -139,13 +144,14 @@ class Session:
         out, _ = block_sparse_attention(
             q, k, v, selection, scale, causal=True, key_mask=key_mask, backend=self.backend
         )
-        pairs = int(selection.pairs(tq, tk).sum()) * (hq // selection.num_heads)
-        total = causal_pairs(tq, tk) * b * hq
-        for stats in (self.stats, self.prefill_stats) if tq > 1 else (self.stats,):
-            stats.computed_pairs += pairs
-            stats.causal_pairs += total
-            stats.calls += 1
+        self._count(tq, tk, int(selection.pairs(tq, tk).sum()) * (hq // selection.num_heads), b * hq)
         return out.transpose(1, 2).contiguous()
+
+    def _count(self, tq: int, tk: int, computed: int, rows: int) -> None:
+        for stats in (self.stats, self.prefill_stats) if tq > 1 else (self.stats,):
+            stats.computed_pairs += computed
+            stats.causal_pairs += causal_pairs(tq, tk) * rows
+            stats.calls += 1
 
 
 def _attention_forward(

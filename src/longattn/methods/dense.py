@@ -18,6 +18,15 @@ class Dense(Method):
     ``window`` have no effect because everything is kept.
     """
 
+    use_sdpa: bool = True
+    """Compute with PyTorch SDPA (the fast dense kernel, the honest baseline for speed-ups); False routes
+    through the block-sparse operator with every block selected, the check that the operator is exact."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.use_sdpa, bool):
+            raise ValueError(f"use_sdpa must be a bool, got {self.use_sdpa!r}")
+
     name: ClassVar[str] = "dense"
     paper: ClassVar[str] = "Attention Is All You Need (Vaswani et al., 2017) https://arxiv.org/abs/1706.03762"
 
