@@ -35,3 +35,15 @@ def default_model():
     import longattn
 
     return longattn.load_model()
+
+
+def save_tiny_checkpoint(path) -> None:
+    """A tiny Llama and a word-level tokenizer ("w1".."w255") saved as a local HF checkpoint directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_model("llama").save_pretrained(path)
+    vocab = {"[UNK]": 0} | {f"w{i}": i for i in range(1, 256)}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", eos_token="w2").save_pretrained(path)

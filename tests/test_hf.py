@@ -7,7 +7,7 @@ import torch
 
 import longattn
 from longattn.hf import load_model
-from tests.conftest import tiny_model
+from tests.conftest import save_tiny_checkpoint, tiny_model
 
 
 @pytest.mark.parametrize("config", [("moba", {"block_size": 16, "top_k": 64}), ("dense", {})], ids=["moba-full", "dense-sdpa"])
@@ -108,14 +108,7 @@ def test_load_model_refuses_missing_paths(tmp_path):
 
 
 def test_load_model_from_a_local_checkpoint_directory(tmp_path):
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    model = tiny_model("llama")
-    model.save_pretrained(tmp_path)
-    raw = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)} | {"[UNK]": 0}, unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]").save_pretrained(tmp_path)
+    save_tiny_checkpoint(tmp_path)
     loaded, tok = load_model(tmp_path)
     ids = tok("w1 w2 w3", return_tensors="pt").input_ids
-    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    torch.testing.assert_close(loaded(ids).logits, tiny_model("llama")(ids).logits)

@@ -13,7 +13,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Training-free block-sparse attention for HF LLMs.")
-console = Console()
 
 
 def _parse_config(pairs: list[str]) -> dict[str, Any]:
@@ -35,7 +34,10 @@ def methods() -> None:
     """List the methods with their papers."""
     from longattn.methods import list_methods, method_class
 
+    console = Console()
     table = Table("method", "idea", "paper")
+    for column in table.columns:
+        column.overflow = "fold"
     for name in list_methods():
         cls = method_class(name)
         idea = (cls.__doc__ or "").strip().split("\n")[0]
@@ -56,6 +58,7 @@ def generate(
     import longattn
     from longattn.bench import greedy_generate
 
+    console = Console()
     chosen = longattn.get_method(method, **_parse_config(set_))
     text = prompt_file.read_text()
     with console.status("loading model"):
@@ -88,6 +91,7 @@ def demo(
     from longattn.bench import greedy_generate
     from longattn.bench.tasks import passkey
 
+    console = Console()
     try:
         sizes = [int(x) for x in lengths.split(",") if x.strip()]
     except ValueError as err:
