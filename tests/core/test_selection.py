@@ -28,3 +28,13 @@ def test_validation_messages():
         Selection(sel.indices, sel.counts[:, :1], 16, 16)
     with pytest.raises(ValueError, match="mask must be"):
         Selection.from_mask(torch.ones(2, 2, 2), 4, 4)
+
+
+def test_concat_pads_to_the_widest_part():
+    a = Selection.from_mask(torch.tensor([[[[True, False, False]]]]), 4, 4)
+    b = Selection.from_mask(torch.tensor([[[[True, True, True], [False, True, False]]]]), 4, 4)
+    joined = Selection.concat([a, b])
+    assert joined.indices.tolist() == [[[[0, -1, -1], [0, 1, 2], [1, -1, -1]]]]
+    assert joined.counts.tolist() == [[[1, 3, 1]]]
+    with pytest.raises(ValueError, match="equal q_block_size"):
+        Selection.concat([a, Selection.from_mask(torch.ones(1, 1, 1, 3, dtype=torch.bool), 8, 4)])

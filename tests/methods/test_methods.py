@@ -173,3 +173,18 @@ def test_registry_lists_foundation_methods():
 def test_bad_config_raises_value_error(name, config, match):
     with pytest.raises(ValueError, match=match):
         longattn.get_method(name, **config)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_chunked_selection_equals_one_shot(case, monkeypatch):
+    import longattn.methods.base as base
+
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 4, 150, 8, generator=g), torch.randn(1, 2, 150, 8, generator=g)
+    method = longattn.get_method(case.name, **case.config)
+    whole = _run_method(method, q, k)
+    monkeypatch.setattr(base, "_SELECT_CHUNK_ELEMENTS", 1)  # one query block per chunk
+    chunked = _run_method(method, q, k)
+    nkb = -(-150 // method.block_size)
+    assert torch.equal(whole.to_mask(nkb), chunked.to_mask(nkb))
+    assert torch.equal(whole.counts, chunked.counts)

@@ -73,6 +73,23 @@ class Selection:
         indices = torch.where(ordered < nblk, ordered, torch.full_like(ordered, -1))
         return cls(indices.contiguous(), counts, q_block_size, kv_block_size)
 
+    @classmethod
+    def concat(cls, parts: list["Selection"]) -> "Selection":
+        """Join selections of consecutive query blocks (same heads and block sizes) along ``Qblk``."""
+        if not parts:
+            raise ValueError("concat needs at least one Selection")
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        if any((p.q_block_size, p.kv_block_size) != (first.q_block_size, first.kv_block_size) for p in parts):
+            raise ValueError("concat needs selections with equal q_block_size and kv_block_size")
+        width = max(p.indices.shape[-1] for p in parts)
+        indices = torch.cat(
+            [torch.nn.functional.pad(p.indices, (0, width - p.indices.shape[-1]), value=-1) for p in parts], dim=2
+        )
+        counts = torch.cat([p.counts for p in parts], dim=2)
+        return cls(indices, counts, first.q_block_size, first.kv_block_size)
+
     def to_mask(self, num_kv_blocks: int) -> Tensor:
         """Block mask ``[B, H, Qblk, num_kv_blocks]`` bool (the inverse of :meth:`from_mask`)."""
         b, h, qb, _ = self.indices.shape

@@ -6,7 +6,7 @@ their query ranks highest. Execution is the shared operator's job, never the met
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -14,8 +14,9 @@ from torch import Tensor
 
 from longattn.core.selection import Selection
 
-# Elements of the per-chunk query x block score tensor while pooling scores over query blocks.
-_SCORE_CHUNK_ELEMENTS = 1 << 24
+# Elements of a chunk's [B, H, query blocks, key blocks] masks and scores: selection runs chunk by chunk so
+# its memory stays linear in the context (the full block-level matrix is quadratic).
+_SELECT_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -87,8 +88,16 @@ class Method:
         Returns:
             Selection ``[B, H, Qblk, S]``.
         """
-        qbs = self.q_block_size(q.shape[2])
-        return Selection.from_mask(self.block_mask(q, summaries, ctx, qbs), qbs, self.block_size)
+        b, hq, tq, _ = q.shape
+        qbs = self.q_block_size(tq)
+        nqb, nkb = -(-tq // qbs), -(-ctx.kv_len // self.block_size)
+        step = max(1, _SELECT_CHUNK_ELEMENTS // (b * hq * nkb))
+        parts = []
+        for first in range(0, nqb, step):
+            rows = slice(first * qbs, min((first + step) * qbs, tq))
+            sub = replace(ctx, q_offset=ctx.q_offset + first * qbs)
+            parts.append(Selection.from_mask(self.block_mask(q[:, :, rows], summaries, sub, qbs), qbs, self.block_size))
+        return Selection.concat(parts)
 
     def block_mask(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int) -> Tensor:
         """``[B, H, Qblk, Nblk]`` bool mask of selected blocks; the static part is sinks + window."""
@@ -166,23 +175,15 @@ class TopKMethod(Method):
     def pooled_scores(self, q: Tensor, summaries: Tensor, qbs: int) -> Tensor:
         """Max over each query block's queries of the per-query scores: ``[B, Hq, Qblk, Nblk]`` float32.
 
-        The max keeps a block that any single query of the block needs, the closest shared selection gets
-        to per-token retrieval. Chunked over query blocks so the ``[Tq, Nblk]`` scores never exist at once.
+        The max keeps a block that any single query of the block needs, the closest a shared selection gets
+        to per-token retrieval.
         """
-        b, hq, tq, d = q.shape
+        b, hq, tq, _ = q.shape
         nqb = -(-tq // qbs)
-        nkb = summaries.shape[2]
-        q = torch.nn.functional.pad(q, (0, 0, 0, nqb * qbs - tq))
-        # Padded query rows score like real ones would break the max; mark them to drop.
-        real = (torch.arange(nqb * qbs, device=q.device) < tq).view(nqb, qbs, 1)
-        step = max(1, _SCORE_CHUNK_ELEMENTS // max(1, b * hq * qbs * nkb))
-        out = []
-        for s in range(0, nqb, step):
-            e = min(nqb, s + step)
-            part = self.score(q[:, :, s * qbs : e * qbs], summaries).view(b, hq, e - s, qbs, nkb)
-            part = part.masked_fill(~real[s:e], float("-inf"))
-            out.append(part.amax(dim=3))
-        return torch.cat(out, dim=2)
+        scores = self.score(q, summaries)  # [B, Hq, Tq, Nblk]
+        # Padding rows of the last block take -inf so they never win the max.
+        scores = torch.nn.functional.pad(scores, (0, 0, 0, nqb * qbs - tq), value=float("-inf"))
+        return scores.view(b, hq, nqb, qbs, -1).amax(dim=3)
 
 
 def group_queries(q: Tensor, num_kv_heads: int) -> Tensor:
