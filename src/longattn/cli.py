@@ -80,8 +80,7 @@ def generate(
 def demo(
     lengths: str = typer.Option("2048,8192,12288", help="Comma-separated prompt lengths in tokens."),
     samples: int = typer.Option(2, min=1, help="Passkey prompts per length (different keys and depths)."),
-    top_k: int = typer.Option(8, min=0, help="MoBA blocks retrieved beyond sinks and window."),
-    block_size: int = typer.Option(64, help="MoBA key block size."),
+    set_: list[str] = typer.Option([], "--set", help="MoBA option as key=value (e.g. top_k=16); repeatable."),
     model: Optional[str] = typer.Option(None, help="Local checkpoint directory or .gguf file (default: embedded SmolLM2)."),
 ) -> None:
     """Passkey retrieval with dense attention and MoBA on the default model: accuracy, density, prefill time."""
@@ -98,10 +97,11 @@ def demo(
         raise typer.BadParameter(f"--lengths must be comma-separated integers, got {lengths!r}") from err
     methods_ = {
         "dense": longattn.get_method("dense"),
-        "moba": longattn.get_method("moba", block_size=block_size, top_k=top_k),
+        "moba": longattn.get_method("moba", **_parse_config(set_)),
     }
     with console.status("loading model"):
         lm, tok = longattn.load_model(model)
+    console.print(f"moba: {methods_['moba']}")
     console.print(f"model: {lm.config.model_type}, {lm.config.num_hidden_layers} layers, trained window "
                   f"{lm.config.max_position_embeddings} tokens; torch threads {torch.get_num_threads()}")
     rows: dict[tuple[str, int], list[tuple[float, float, float]]] = {}

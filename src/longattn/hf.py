@@ -243,7 +243,8 @@ def check_model(model: Any) -> None:
         raise ValueError(
             f"model type {model_type!r} is not supported; longattn supports {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    if not model._can_set_attn_implementation():
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if can_set is None or not can_set():
         raise ValueError(f"{type(model).__name__} does not dispatch attention through AttentionInterface")
     layer_types = getattr(config, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):

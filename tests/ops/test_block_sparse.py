@@ -233,3 +233,17 @@ def test_bad_selection_dtype_and_backend():
     assert resolve_backend("auto", "cuda") == "reference" and resolve_backend("auto", "cpu") in ("cpu", "reference")
     with pytest.raises(ValueError, match="key_mask"):
         block_sparse_attention(q, k, v, full_selection(1, 2, 16, 16, 16, 16), key_mask=torch.ones(1, 15, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("backend", sorted(OPS))
+def test_strided_cache_takes_the_token_gather_and_agrees(backend):
+    q, k, v = make_qkv(1, 4, 2, 90, 90, 16, seed=9)
+    k_strided = torch.cat([k, k], dim=-1)[..., :16]  # same values, not contiguous
+    v_strided = torch.cat([v, v], dim=-1)[..., :16]
+    assert not k_strided.is_contiguous()
+    g = torch.Generator().manual_seed(3)
+    sel = Selection.from_mask(torch.rand(1, 4, 6, 6, generator=g) < 0.5, 16, 16)
+    a, la = OPS[backend](q, k, v, sel)
+    b, lb = OPS[backend](q, k_strided, v_strided, sel)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(la, lb)

@@ -18,6 +18,13 @@ class MoBA(TopKMethod):
     (the same chunk scoring LongHeads uses). Paper: MoBA, https://arxiv.org/abs/2502.13189
     """
 
+    block_size: int = 16
+    """Keys per block. Small blocks select far better: on the default model, 16-token blocks found a passkey
+    at 2k tokens in 4/4 prompts where 64-token blocks at a larger density found it in 1/4."""
+    window: int = 128
+    top_k: int = 32
+    """Blocks retrieved per query block (32 x 16 = 512 tokens) beyond the sinks and the window."""
+
     name: ClassVar[str] = "moba"
     paper: ClassVar[str] = "MoBA: Mixture of Block Attention for Long-Context LLMs https://arxiv.org/abs/2502.13189"
     summary: ClassVar[str | None] = "mean"
