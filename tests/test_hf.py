@@ -112,3 +112,32 @@ def test_load_model_from_a_local_checkpoint_directory(tmp_path):
     loaded, tok = load_model(tmp_path)
     ids = tok("w1 w2 w3", return_tensors="pt").input_ids
     torch.testing.assert_close(loaded(ids).logits, tiny_model("llama")(ids).logits)
+
+
+def test_streaming_sinks_start_after_left_padding():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 160), generator=torch.Generator().manual_seed(3))
+    padded = torch.cat([torch.zeros(1, 32, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 32, dtype=torch.long), torch.ones(1, 160, dtype=torch.long)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    method = longattn.get_method("streaming", block_size=16, sink_tokens=4, window=16)
+    with torch.no_grad(), longattn.apply(model, method):
+        plain = model(ids).logits
+        shifted = model(padded, attention_mask=mask, position_ids=positions).logits[:, 32:]
+    torch.testing.assert_close(shifted, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_cropped_cache_continues_like_a_fresh_run():
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(4)
+    first, second = torch.randint(0, 256, (1, 96), generator=g), torch.randint(0, 256, (1, 60), generator=g)
+    method = longattn.get_method("moba", block_size=16, top_k=1, window=16)
+    with torch.no_grad(), longattn.apply(model, method):
+        cache = DynamicCache(config=model.config)
+        model(first, past_key_values=cache, use_cache=True)
+        cache.crop(-48)  # keep the first 48 tokens (query blocks stay aligned with a fresh run)
+        reused = model(second, past_key_values=cache, use_cache=True).logits
+        fresh = model(torch.cat([first[:, :48], second], dim=1)).logits[:, 48:]
+    torch.testing.assert_close(reused, fresh, atol=1e-4, rtol=1e-4)

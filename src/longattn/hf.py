@@ -87,7 +87,7 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | None
 
 @dataclass
 class AttentionStats:
-    """Work done by the sparse operator since the last reset, summed over layers, heads and batch.
+    """Attention work since the session began (or the last reset), summed over layers, heads and batch.
 
     Attributes:
         computed_pairs: query-key pairs the selections covered (causal part only).
@@ -126,26 +126,23 @@ class Session:
         """One layer's attention. ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]`` -> ``[B, Tq, Hq, D]``."""
         b, hq, tq, _ = q.shape
         hkv, tk = k.shape[1], k.shape[2]
+        if getattr(self.method, "use_sdpa", False):  # only `dense` has it: the SDPA baseline, nothing to select
+            out = dense_attention(q, k, v, scale, key_mask)
+            self._count(tq, tk, b * hq * causal_pairs(tq, tk), b * hq)
+            return out.transpose(1, 2)
         layer = int(getattr(module, "layer_idx", 0))
         ctx = SelectionContext(
             kv_len=tk, q_offset=tk - tq, layer=layer, num_kv_heads=hkv, key_mask=key_mask, device=q.device
         )
-        if getattr(self.method, "use_sdpa", False):
-            out = dense_attention(q, k, v, scale, key_mask)
-            self._count(tq, tk, b * hq * causal_pairs(tq, tk), b * hq)
-            return out.transpose(1, 2).contiguous()
         summaries = None
         if self.index is not None:
-            if tq == tk:
-                # A prefill without past keys starts a new sequence for this layer.
-                self.index.reset_layer(layer)
-            summaries = self.index.update(k, layer)
+            summaries = self.index.update(k, layer, new_tokens=tq)
         selection = self.method.select(q, summaries, ctx)
         out, _ = block_sparse_attention(
             q, k, v, selection, scale, causal=True, key_mask=key_mask, backend=self.backend
         )
         self._count(tq, tk, int(selection.pairs(tq, tk).sum()) * (hq // selection.num_heads), b * hq)
-        return out.transpose(1, 2).contiguous()
+        return out.transpose(1, 2)  # HF reshapes [B, Tq, Hq, D] itself
 
     def _count(self, tq: int, tk: int, computed: int, rows: int) -> None:
         for stats in (self.stats, self.prefill_stats) if tq > 1 else (self.stats,):

@@ -50,3 +50,40 @@ def test_bad_arguments():
         BlockIndex(16, "median")
     with pytest.raises(ValueError, match="k must be"):
         BlockIndex(16).update(torch.zeros(3, 4, 5), layer=0)
+
+
+def test_cropped_and_regrown_cache_is_reindexed():
+    torch.manual_seed(0)
+    a = torch.randn(1, 2, 96, 8)
+    b = torch.cat([a[:, :, :50], torch.randn(1, 2, 60, 8)], dim=2)  # crop to 50, then 60 new keys
+    index = BlockIndex(16, "mean")
+    index.update(a, layer=0, new_tokens=96)
+    got = index.update(b, layer=0, new_tokens=60)
+    torch.testing.assert_close(got, BlockIndex(16, "mean").update(b, layer=0))
+
+
+def test_reordered_batch_rows_are_reindexed():
+    torch.manual_seed(0)
+    k = torch.randn(2, 2, 64, 8)
+    index = BlockIndex(16, "minmax")
+    index.update(k, layer=0, new_tokens=64)
+    beams = torch.cat([k[[1, 0]], torch.randn(2, 2, 1, 8)], dim=2)  # beam search swapped the rows
+    got = index.update(beams, layer=0, new_tokens=1)
+    torch.testing.assert_close(got, BlockIndex(16, "minmax").update(beams, layer=0))
+
+
+def test_continuing_sequence_reuses_stored_blocks():
+    torch.manual_seed(0)
+    k = torch.randn(1, 2, 80, 8)
+    index = BlockIndex(16, "mean")
+    index.update(k[:, :, :64], layer=0, new_tokens=64)
+    calls = []
+    index._fn = lambda blocks: calls.append(blocks.shape[2]) or blocks.float().mean(3, keepdim=True)
+    index.update(k, layer=0, new_tokens=16)
+    assert calls == [1]  # only the newly filled block was summarised
+
+
+def test_bad_custom_summary_shape_raises():
+    index = BlockIndex(4, lambda blocks: blocks.float().mean(3))  # drops the R dimension
+    with pytest.raises(ValueError, match="summary must map"):
+        index.update(torch.zeros(1, 1, 8, 2), layer=0)

@@ -188,3 +188,50 @@ def test_chunked_selection_equals_one_shot(case, monkeypatch):
     nkb = -(-150 // method.block_size)
     assert torch.equal(whole.to_mask(nkb), chunked.to_mask(nkb))
     assert torch.equal(whole.counts, chunked.counts)
+
+
+def _planted(seed: int = 0, hq: int = 4, hkv: int = 2, t: int = 160, d: int = 16):
+    """Random queries/keys where block 3 holds keys aligned with the last query block's queries."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, hq, t, d, generator=g) * 0.1
+    k = torch.randn(1, hkv, t, d, generator=g) * 0.1
+    direction = torch.randn(d, generator=g)
+    q[:, :, -16:] += direction
+    k[:, :, 48:64] += direction
+    return q, k
+
+
+def test_moba_retrieves_the_block_its_queries_match():
+    q, k = _planted()
+    method = longattn.get_method("moba", block_size=16, top_k=1, window=0, sink_tokens=0)
+    sel = _run_method(method, q, k)
+    last = sel.indices[0, :, -1]  # every head's last query block: [H, S]
+    assert all(3 in row.tolist() for row in last), last
+
+
+def test_shared_kv_heads_takes_the_max_over_the_group():
+    q, k = _planted()
+    q[:, [0, 2, 3], -16:] = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(9)) * 0.1
+    # Only query head 1 (group of KV head 0) wants block 3 now.
+    shared = _run_method(longattn.get_method("moba", block_size=16, top_k=1, window=0, sink_tokens=0,
+                                             share_kv_heads=True), q, k)
+    assert 3 in shared.indices[0, 0, -1].tolist()
+
+
+def test_sinks_are_kept_for_far_away_queries():
+    q, k = _planted()
+    sel = _run_method(longattn.get_method("streaming", block_size=16, sink_tokens=20, window=16), q, k)
+    last = sel.to_mask(10)[0, :, -1]  # [H, Nblk]
+    assert last[:, :2].all() and not last[:, 2:8].any() and last[:, 9].all()
+
+
+def test_padding_blocks_are_never_retrieved_and_sinks_follow_the_padding():
+    q, k = _planted()
+    key_mask = torch.ones(1, 160, dtype=torch.bool)
+    key_mask[0, :32] = False  # two blocks of left padding
+    ctx = SelectionContext(kv_len=160, q_offset=0, layer=0, num_kv_heads=2, key_mask=key_mask)
+    method = longattn.get_method("moba", block_size=16, top_k=4, window=0, sink_tokens=4)
+    sel = method.select(q, BlockIndex(16, "mean").update(k, 0), ctx)
+    mask = sel.to_mask(10)[0]  # [H, Qblk, Nblk]
+    assert not mask[:, 2:, :2].any()  # query blocks after the padding never look into it
+    assert mask[:, 3:, 2].all()  # the row's first real block is its sink

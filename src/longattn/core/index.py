@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from longattn.core.checks import check_int
+
 # A summariser maps key blocks [B, Hkv, N, L, D] to representatives [B, Hkv, N, R, D] (float32).
 Summariser = Callable[[Tensor], Tensor]
 
@@ -33,8 +35,9 @@ SUMMARIES: dict[str, Summariser] = {"mean": mean_summary, "minmax": minmax_summa
 @dataclass
 class _LayerState:
     summaries: Tensor | None  # [B, Hkv, Nfull, R, D] float32, full blocks only; None before the first fills
+    anchors: Tensor | None  # [B, Hkv, Nfull, D] the last key of each stored block
     tokens: int  # keys covered by `summaries` (a multiple of block_size)
-    fingerprint: Tensor  # [B, Hkv, D] the first key, to notice that the cache now holds another sequence
+    seen: int  # keys in the cache at the last update
 
 
 @dataclass
@@ -51,8 +54,7 @@ class BlockIndex:
     _layers: dict[int, _LayerState] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.block_size, int) or self.block_size <= 0:
-            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        check_int("block_size", self.block_size, 1)
         if isinstance(self.summary, str):
             if self.summary not in SUMMARIES:
                 raise ValueError(f"summary must be one of {sorted(SUMMARIES)} or a callable, got {self.summary!r}")
@@ -73,12 +75,18 @@ class BlockIndex:
         state = self._layers.get(layer)
         return 0 if state is None else state.tokens
 
-    def update(self, k: Tensor, layer: int) -> Tensor:
+    def update(self, k: Tensor, layer: int, new_tokens: int | None = None) -> Tensor:
         """Summaries of every key block of ``k``, the partial last block included.
+
+        Stored summaries are reused only while ``k`` provably continues the indexed sequence: the same
+        batch rows in the same order, and the same last key in every stored block; with ``new_tokens``, also
+        exactly ``new_tokens`` keys more than at the last update. A new prompt, a cropped or regrown cache
+        or a beam-search reorder therefore re-indexes instead of reusing stale summaries.
 
         Args:
             k: ``[B, Hkv, Tk, D]`` all keys of this layer so far (the KV cache after this step).
             layer: layer index.
+            new_tokens: keys this step appended to the cache (the query length), if known.
 
         Returns:
             ``[B, Hkv, ceil(Tk / block_size), R, D]`` float32.
@@ -89,16 +97,24 @@ class BlockIndex:
         bs = self.block_size
         n_full = t // bs
         state = self._layers.get(layer)
-        if state is not None and not self._extends(state, k):
+        if state is not None and not self._continues(state, k, new_tokens):
             state = None
         if state is None:
-            state = _LayerState(summaries=None, tokens=0, fingerprint=k[:, :, 0].detach().clone())
+            state = _LayerState(summaries=None, anchors=None, tokens=0, seen=0)
         done = state.tokens // bs
         if n_full > done:
             fresh = k[:, :, done * bs : n_full * bs].reshape(b, h, n_full - done, bs, d)
             new = self._fn(fresh)
+            if new.dim() != 5 or new.shape[:3] != (b, h, n_full - done) or new.shape[4] != d:
+                raise ValueError(
+                    f"summary must map [B, Hkv, N, L, D] to [B, Hkv, N, R, D]; got {tuple(new.shape)} "
+                    f"for input {tuple(fresh.shape)}"
+                )
+            anchors = fresh[:, :, :, -1].detach().clone()
             state.summaries = new if state.summaries is None else torch.cat((state.summaries, new), dim=2)
+            state.anchors = anchors if state.anchors is None else torch.cat((state.anchors, anchors), dim=2)
             state.tokens = n_full * bs
+        state.seen = t
         self._layers[layer] = state
         if t > n_full * bs:
             tail = self._fn(k[:, :, n_full * bs :].unsqueeze(2))
@@ -106,12 +122,14 @@ class BlockIndex:
         assert state.summaries is not None  # t >= 1 and no tail means at least one full block
         return state.summaries
 
-    @staticmethod
-    def _extends(state: _LayerState, k: Tensor) -> bool:
-        # The stored summaries stay valid only if k is the same sequence, grown: same batch/heads, at least as
-        # many keys, and the same first key (a new prompt in the same cache slot has a different one).
-        if k.shape[0] != state.fingerprint.shape[0] or k.shape[1] != state.fingerprint.shape[1]:
+    def _continues(self, state: _LayerState, k: Tensor, new_tokens: int | None) -> bool:
+        if new_tokens is not None and k.shape[2] - new_tokens != state.seen:
             return False
         if k.shape[2] < state.tokens:
             return False
-        return torch.equal(k[:, :, 0], state.fingerprint)
+        if state.anchors is None:
+            return True
+        if k.shape[:2] != state.anchors.shape[:2]:
+            return False
+        # One key per block: O(Tk / block_size * D), far below the attention it protects.
+        return torch.equal(k[:, :, self.block_size - 1 : state.tokens : self.block_size], state.anchors)

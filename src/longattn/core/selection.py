@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from longattn.core.checks import check_int
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -41,9 +43,8 @@ class Selection:
             raise ValueError(
                 f"indices and counts must be int32, got {self.indices.dtype} and {self.counts.dtype}"
             )
-        for name in ("q_block_size", "kv_block_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        check_int("q_block_size", self.q_block_size, 1)
+        check_int("kv_block_size", self.kv_block_size, 1)
 
     @property
     def num_heads(self) -> int:
@@ -83,6 +84,8 @@ class Selection:
         first = parts[0]
         if any((p.q_block_size, p.kv_block_size) != (first.q_block_size, first.kv_block_size) for p in parts):
             raise ValueError("concat needs selections with equal q_block_size and kv_block_size")
+        if any(p.indices.shape[:2] != first.indices.shape[:2] for p in parts):
+            raise ValueError("concat needs selections with equal batch and head dimensions [B, H]")
         width = max(p.indices.shape[-1] for p in parts)
         indices = torch.cat(
             [torch.nn.functional.pad(p.indices, (0, width - p.indices.shape[-1]), value=-1) for p in parts], dim=2
@@ -98,9 +101,13 @@ class Selection:
         mask.scatter_(-1, idx, True)
         return mask[..., :num_kv_blocks]
 
-    def validate(self, q_len: int, kv_len: int, num_q_heads: int, num_kv_heads: int, batch: int) -> None:
+    def validate(
+        self, q_len: int, kv_len: int, num_q_heads: int, num_kv_heads: int, batch: int, device: torch.device | None = None
+    ) -> None:
         """Check that this Selection fits queries ``[batch, num_q_heads, q_len, D]`` and keys of length ``kv_len``."""
-        b, h, qb, _ = self.indices.shape
+        b, h, qb, s = self.indices.shape
+        if device is not None and self.indices.device != device:
+            raise ValueError(f"selection is on {self.indices.device} but the queries are on {device}")
         if b != batch:
             raise ValueError(f"selection batch {b} does not match the query batch {batch}")
         if h not in (num_q_heads, num_kv_heads):
@@ -114,6 +121,8 @@ class Selection:
                 f"needs {expected_qb}"
             )
         nblk = -(-kv_len // self.kv_block_size)
+        if self.counts.numel() and (int(self.counts.min()) < 0 or int(self.counts.max()) > s):
+            raise ValueError(f"selection counts must lie in [0, S={s}]")
         if self.indices.numel():
             if int(self.indices.max()) >= nblk or int(self.indices.min()) < -1:
                 raise ValueError(

@@ -12,6 +12,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from longattn.core.checks import check_int
 from longattn.core.selection import Selection
 
 # Elements of a chunk's [B, H, query blocks, key blocks] masks and scores: selection runs chunk by chunk so
@@ -40,13 +41,6 @@ class SelectionContext:
     device: torch.device = torch.device("cpu")
 
 
-def _check_int(name: str, value: object, low: int, power_of_two: bool = False) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if power_of_two and value & (value - 1):
-        raise ValueError(f"{name} must be a power of two (16, 32, 64, ...), got {value}")
-
-
 @dataclass
 class Method:
     """Base of every method: sinks + local window, causal, over blocks of ``block_size`` keys."""
@@ -66,11 +60,11 @@ class Method:
     """Block summary the method scores against ("mean", "minmax"), or None for static patterns."""
 
     def __post_init__(self) -> None:
-        _check_int("block_size", self.block_size, 1, power_of_two=True)
-        _check_int("sink_tokens", self.sink_tokens, 0)
-        _check_int("window", self.window, 0)
+        check_int("block_size", self.block_size, 1, power_of_two=True)
+        check_int("sink_tokens", self.sink_tokens, 0)
+        check_int("window", self.window, 0)
         if self.query_block_size is not None:
-            _check_int("query_block_size", self.query_block_size, 1, power_of_two=True)
+            check_int("query_block_size", self.query_block_size, 1, power_of_two=True)
 
     def q_block_size(self, q_len: int) -> int:
         """Query block size for a step of ``q_len`` queries: 1 in decode, else the configured size."""
@@ -91,7 +85,8 @@ class Method:
         b, hq, tq, _ = q.shape
         qbs = self.q_block_size(tq)
         nqb, nkb = -(-tq // qbs), -(-ctx.kv_len // self.block_size)
-        step = max(1, _SELECT_CHUNK_ELEMENTS // (b * hq * nkb))
+        # Scores are per query token before pooling, so a chunk holds qbs rows per query block.
+        step = max(1, _SELECT_CHUNK_ELEMENTS // (b * hq * nkb * qbs))
         parts = []
         for first in range(0, nqb, step):
             rows = slice(first * qbs, min((first + step) * qbs, tq))
@@ -105,17 +100,25 @@ class Method:
         return self.static_mask(tq, ctx, qbs).expand(b, hq, -1, -1)
 
     def static_mask(self, q_len: int, ctx: SelectionContext, qbs: int) -> Tensor:
-        """Sinks + local window, causal: ``[1, 1, Qblk, Nblk]`` bool."""
+        """Sinks + local window, causal: ``[B or 1, 1, Qblk, Nblk]`` bool.
+
+        The sinks are the first ``sink_tokens`` *valid* keys of each row: in a left-padded row they start
+        after the padding, where the row's own first tokens are.
+        """
         bs = self.block_size
         nkb = -(-ctx.kv_len // bs)
         first, last = self._query_span(q_len, ctx, qbs)
-        blocks = torch.arange(nkb, device=first.device).view(1, -1)
+        blocks = torch.arange(nkb, device=first.device).view(1, 1, -1)  # [1, 1, Nblk]
         lo = (first - self.window).clamp(min=0) // bs
         lo = torch.minimum(lo, first // bs)
-        window = (blocks >= lo.view(-1, 1)) & (blocks <= (last // bs).view(-1, 1))
-        sinks = blocks < -(-self.sink_tokens // bs)
-        causal = blocks <= (last // bs).view(-1, 1)
-        return ((sinks & causal) | window).view(1, 1, -1, nkb)
+        window = (blocks >= lo.view(1, -1, 1)) & (blocks <= (last // bs).view(1, -1, 1))  # [1, Qblk, Nblk]
+        start = torch.zeros(1, dtype=torch.long, device=first.device)
+        if ctx.key_mask is not None:
+            start = ctx.key_mask.int().argmax(dim=1)  # first valid key of each row: [B]
+        start = start.view(-1, 1, 1)
+        sinks = (blocks >= start // bs) & (blocks * bs < start + self.sink_tokens)  # [B or 1, 1, Nblk]
+        causal = blocks <= (last // bs).view(1, -1, 1)
+        return ((sinks & causal) | window).unsqueeze(1)
 
     def causal_block_mask(self, q_len: int, ctx: SelectionContext, qbs: int) -> Tensor:
         """Blocks holding at least one key some query of the block may see: ``[1, 1, Qblk, Nblk]`` bool."""
@@ -142,7 +145,7 @@ class TopKMethod(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("top_k", self.top_k, 0)
+        check_int("top_k", self.top_k, 0)
         if not isinstance(self.share_kv_heads, bool):
             raise ValueError(f"share_kv_heads must be a bool, got {self.share_kv_heads!r}")
 
@@ -151,16 +154,20 @@ class TopKMethod(Method):
         raise NotImplementedError
 
     def block_mask(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int) -> Tensor:
-        if summaries is None:
-            raise ValueError(f"method {self.name!r} needs block summaries ({self.summary!r}), got None")
         b, hq, tq, _ = q.shape
+        nkb = -(-ctx.kv_len // self.block_size)
+        if summaries is None or summaries.dim() != 5 or summaries.shape[:3] != (b, ctx.num_kv_heads, nkb):
+            got = None if summaries is None else tuple(summaries.shape)
+            raise ValueError(
+                f"method {self.name!r} needs block summaries [B={b}, Hkv={ctx.num_kv_heads}, Nblk={nkb}, R, D] "
+                f"({self.summary!r}), got {got}"
+            )
         static = self.static_mask(tq, ctx, qbs)
         scores = self.pooled_scores(q, summaries, qbs)  # [B, Hq, Qblk, Nblk]
         if self.share_kv_heads:
             scores = scores.view(b, ctx.num_kv_heads, -1, *scores.shape[2:]).amax(dim=2)
         eligible = self.causal_block_mask(tq, ctx, qbs) & ~static
         if ctx.key_mask is not None:
-            nkb = scores.shape[-1]
             pad = nkb * self.block_size - ctx.kv_len
             has_key = torch.nn.functional.pad(ctx.key_mask, (0, pad)).view(b, nkb, -1).any(-1)
             eligible = eligible & has_key.view(b, 1, 1, nkb)

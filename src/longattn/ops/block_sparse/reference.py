@@ -1,8 +1,8 @@
 """Block-sparse attention in plain PyTorch: the reference every fast backend is tested against.
 
 Query blocks are processed in chunks; each chunk gathers only its selected key blocks, so peak memory is
-O(chunk · S · block) and no T×T matrix is ever built. It is also the CPU fast path: on 2 cores it beats
-dense causal SDPA once density is low (see benchmarks/attention_op.py).
+O(chunk · S · block) and no T×T matrix is ever built. The gather loop (`gathered_attention`) is shared with
+the fused CPU backend (cpu.py), which differs only in how a chunk's masked softmax is computed.
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ def check_inputs(
         raise ValueError(f"q_offset={offset} with q_len={tq} must fit inside kv_len={tk}")
     if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != (b, tk)):
         raise ValueError(f"key_mask must be a bool tensor [B={b}, Tk={tk}], got {key_mask.dtype} {tuple(key_mask.shape)}")
-    selection.validate(tq, tk, hq, hkv, b)
+    for name, t in (("k", k), ("v", v), ("key_mask", key_mask)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    selection.validate(tq, tk, hq, hkv, b, q.device)
     return offset
 
 
