@@ -211,8 +211,8 @@ def test_moba_retrieves_the_block_its_queries_match():
 
 def test_shared_kv_heads_takes_the_max_over_the_group():
     q, k = _planted()
-    q[:, [0, 2, 3], -16:] = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(9)) * 0.1
-    # Only query head 1 (group of KV head 0) wants block 3 now.
+    q[:, [0, 2, 3], -16:] *= -1
+    # Only query head 1 (group of KV head 0) wants block 3 now; its group partner, head 0, shuns it.
     shared = _run_method(longattn.get_method("moba", block_size=16, top_k=1, window=0, sink_tokens=0,
                                              share_kv_heads=True), q, k)
     assert 3 in shared.indices[0, 0, -1].tolist()
