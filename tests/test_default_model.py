@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 import longattn
 from longattn.bench import greedy_generate
