@@ -8,16 +8,18 @@ import torch
 
 def tiny_config(model_type: str = "llama", **overrides):
     """A 2-layer GQA config (4 query / 2 KV heads, head dim 16) of a Llama-family architecture."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     base = dict(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0,
     )
     base.update(overrides)
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[model_type]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[model_type]
     if model_type == "mistral":
         base.setdefault("sliding_window", None)
+    if model_type == "qwen3":
+        base.setdefault("head_dim", 16)
     return cls(**base)
 
 

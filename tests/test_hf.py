@@ -11,7 +11,7 @@ from tests.conftest import save_tiny_checkpoint, tiny_model
 
 
 @pytest.mark.parametrize("config", [("moba", {"block_size": 16, "top_k": 64}), ("dense", {})], ids=["moba-full", "dense-sdpa"])
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
 def test_left_padded_batch_matches_sdpa(model_type, config):
     model = tiny_model(model_type)
     ids = torch.randint(0, 256, (3, 150), generator=torch.Generator().manual_seed(1))
