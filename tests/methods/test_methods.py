@@ -235,3 +235,10 @@ def test_padding_blocks_are_never_retrieved_and_sinks_follow_the_padding():
     mask = sel.to_mask(10)[0]  # [H, Qblk, Nblk]
     assert not mask[:, 2:, :2].any()  # query blocks after the padding never look into it
     assert mask[:, 3:, 2].all()  # the row's first real block is its sink
+
+
+def test_scored_methods_pool_at_most_16_queries_by_default():
+    assert longattn.get_method("moba", block_size=64).q_block_size(100) == 16
+    assert longattn.get_method("moba", block_size=64, query_block_size=64).q_block_size(100) == 64
+    assert longattn.get_method("streaming", block_size=64).q_block_size(100) == 64
+    assert longattn.get_method("moba").q_block_size(1) == 1
