@@ -40,7 +40,8 @@ def methods() -> None:
         column.overflow = "fold"
     for name in list_methods():
         cls = method_class(name)
-        idea = (cls.__doc__ or "").strip().split("\n")[0]
+        # The docstring's first sentence, whatever its line breaks.
+        idea = " ".join((cls.__doc__ or "").split()).split(". ")[0].rstrip(".") + "."
         table.add_row(name, idea, cls.paper)
     console.print(table)
 

@@ -12,10 +12,10 @@ from longattn.methods.base import Method, SelectionContext
 
 @dataclass
 class Dense(Method):
-    """Full causal attention through the block-sparse operator: the reference every method is measured against.
+    """Full causal attention, the baseline every method is measured against (PyTorch SDPA by default).
 
-    Selecting every causal block must reproduce ``scaled_dot_product_attention``; ``sink_tokens`` and
-    ``window`` have no effect because everything is kept.
+    As a Selection it keeps every causal block, which through the block-sparse operator must reproduce
+    ``scaled_dot_product_attention``; ``sink_tokens`` and ``window`` have no effect because everything is kept.
     """
 
     use_sdpa: bool = True
