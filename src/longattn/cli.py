@@ -1,4 +1,4 @@
-"""The ``longattn`` command line: ``demo``, ``methods``, ``generate``."""
+"""The ``longattn`` command line: ``demo``, ``methods``, ``generate``, ``bench``, ``report``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Training-free block-sparse attention for HF LLMs.")
@@ -140,6 +147,93 @@ def demo(
             table.add_row(name, str(length), f"{acc:.2f}", f"{dens:.3f}", f"{t:.2f}",
                           f"{dense_t / t:.2f}x" if t > 0 and not math.isnan(t) else "-")
     console.print(table)
+
+
+def _method_specs(names: str, settings: list[str]) -> dict[str, Any]:
+    """``"dense,moba"`` and ``["moba.top_k=8"]`` -> ``{"dense": Dense(), "moba": MoBA(top_k=8)}``."""
+    import longattn
+
+    labels = [n.strip() for n in names.split(",") if n.strip()]
+    if not labels or len(set(labels)) != len(labels):
+        raise typer.BadParameter(f"--methods must list distinct method names, got {names!r}")
+    per: dict[str, list[str]] = {label: [] for label in labels}
+    for item in settings:
+        target, sep, rest = item.partition(".")
+        if not sep or target not in per:
+            raise typer.BadParameter(f"--set expects method.key=value with a method from --methods, got {item!r}")
+        per[target].append(rest)
+    try:
+        return {label: longattn.get_method(label, **_parse_config(per[label])) for label in labels}
+    except (TypeError, ValueError) as err:
+        raise typer.BadParameter(str(err)) from err
+
+
+@app.command()
+def bench(
+    task: str = typer.Option("niah_single", help="Comma-separated task names (see longattn.bench.tasks.TASKS)."),
+    methods_: str = typer.Option("dense,streaming,moba", "--methods", help="Comma-separated method names."),
+    set_: list[str] = typer.Option([], "--set", help="Method option as method.key=value (moba.top_k=8); repeatable."),
+    lengths: str = typer.Option("2k,4k,8k", help="Comma-separated prompt lengths in tokens (k = 1024)."),
+    depths: str = typer.Option("0.1,0.5,0.9", help="Comma-separated needle depths in [0, 1]."),
+    seeds: int = typer.Option(3, min=1, help="Prompts per (length, depth): seeds 0..N-1."),
+    haystack: str = typer.Option("repeat", help="Comma-separated haystacks: repeat, natural."),
+    recall_queries: int = typer.Option(32, min=0, help="Query rows per layer sampled for attention recall (0: off)."),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="Override each task's answer length."),
+    out: Path = typer.Option(Path("results.jsonl"), help="JSONL file to append to; finished cells are skipped."),
+    model: Optional[str] = typer.Option(None, help="Local checkpoint directory or .gguf file (default: embedded SmolLM2)."),
+) -> None:
+    """Sweep tasks x methods x lengths x depths x seeds on one model; one JSON line per cell (resumable)."""
+    import longattn
+    from longattn.bench.runner import parse_lengths, run_sweep
+    from longattn.bench.tasks import TASKS
+    from longattn.hf import DEFAULT_GGUF
+
+    console = Console()
+    tasks = [t.strip() for t in task.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if not tasks or unknown:
+        raise typer.BadParameter(f"--task: unknown {unknown or task!r}; known tasks: {', '.join(sorted(TASKS))}")
+    chosen = _method_specs(methods_, set_)
+    try:
+        sizes = parse_lengths(lengths)
+        where = [float(d) for d in depths.split(",") if d.strip()]
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    stacks = [h.strip() for h in haystack.split(",") if h.strip()]
+    if not stacks or any(h not in ("repeat", "natural") for h in stacks):
+        raise typer.BadParameter(f"--haystack must be repeat and/or natural, got {haystack!r}")
+    with console.status("loading model"):
+        lm, tok = longattn.load_model(model)
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(), console=console,
+    )
+    try:
+        with progress:
+            summary = run_sweep(
+                lm, tok, tasks=tasks, methods=chosen, lengths=sizes, depths=where, seeds=list(range(seeds)),
+                out=out, model_id=model or DEFAULT_GGUF, haystacks=stacks, recall_queries=recall_queries,
+                max_new_tokens=max_new_tokens, progress=progress,
+            )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    console.print(f"{summary.ran} cells run, {summary.skipped} already in {out}, {summary.failed} failed")
+
+
+@app.command()
+def report(
+    results: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL written by `longattn bench`."),
+    out: Path = typer.Option(Path("report"), help="Directory for report.md and the PNG figures."),
+) -> None:
+    """Markdown tables and PNG figures (heat maps, accuracy vs density, recall per layer) from bench results."""
+    from longattn.bench.report import write_report
+
+    console = Console()
+    try:
+        path = write_report(results, out)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    console.print(f"wrote {path} and {len(list(Path(out).glob('*.png')))} figures")
 
 
 if __name__ == "__main__":  # pragma: no cover

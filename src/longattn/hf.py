@@ -11,13 +11,13 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from longattn.core.index import BlockIndex
-from longattn.core.selection import causal_pairs
+from longattn.core.selection import Selection, causal_pairs
 from longattn.methods.base import Method, SelectionContext
 from longattn.ops.block_sparse import BACKENDS, block_sparse_attention
 from longattn.ops.dense import dense_attention
@@ -108,12 +108,18 @@ class AttentionStats:
         self.computed_pairs = self.causal_pairs = self.calls = 0
 
 
+Observer = Callable[[int, Tensor, Tensor, Selection, float, "Tensor | None"], None]
+"""Called as ``observer(layer, q, k, selection, scale, key_mask)`` at every attention call of a session, with
+``q [B, Hq, Tq, D]`` and ``k [B, Hkv, Tk, D]`` post-RoPE (e.g. :class:`longattn.analysis.RecallRecorder`)."""
+
+
 @dataclass
 class Session:
-    """The live state of one ``apply``: the method, its block index and the work statistics."""
+    """The live state of one ``apply``: the method, its block index, the work statistics and an observer."""
 
     method: Method
     backend: str = "auto"
+    observer: Observer | None = None
     stats: AttentionStats = field(default_factory=AttentionStats)
     prefill_stats: AttentionStats = field(default_factory=AttentionStats)
     index: BlockIndex | None = None
@@ -126,14 +132,16 @@ class Session:
         """One layer's attention. ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]`` -> ``[B, Tq, Hq, D]``."""
         b, hq, tq, _ = q.shape
         hkv, tk = k.shape[1], k.shape[2]
-        if getattr(self.method, "use_sdpa", False):  # only `dense` has it: the SDPA baseline, nothing to select
-            out = dense_attention(q, k, v, scale, key_mask)
-            self._count(tq, tk, b * hq * causal_pairs(tq, tk), b * hq)
-            return out.transpose(1, 2)
         layer = int(getattr(module, "layer_idx", 0))
         ctx = SelectionContext(
             kv_len=tk, q_offset=tk - tq, layer=layer, num_kv_heads=hkv, key_mask=key_mask, device=q.device
         )
+        if getattr(self.method, "use_sdpa", False):  # only `dense` has it: the SDPA baseline, nothing to select
+            out = dense_attention(q, k, v, scale, key_mask)
+            self._count(tq, tk, b * hq * causal_pairs(tq, tk), b * hq)
+            if self.observer is not None:  # the observer still sees dense's Selection (every causal block)
+                self.observer(layer, q, k, self.method.select(q, None, ctx), scale, key_mask)
+            return out.transpose(1, 2)
         summaries = None
         if self.index is not None:
             summaries = self.index.update(k, layer, new_tokens=tq)
@@ -142,6 +150,8 @@ class Session:
             q, k, v, selection, scale, causal=True, key_mask=key_mask, backend=self.backend
         )
         self._count(tq, tk, int(selection.pairs(tq, tk).sum()) * (hq // selection.num_heads), b * hq)
+        if self.observer is not None:
+            self.observer(layer, q, k, selection, scale, key_mask)
         return out.transpose(1, 2)  # HF reshapes [B, Tq, Hq, D] itself
 
     def _count(self, tq: int, tk: int, computed: int, rows: int) -> None:
@@ -262,14 +272,16 @@ class apply:  # noqa: N801 - used as a context manager, reads like a function: `
         print(session.prefill_stats.density)
     """
 
-    def __init__(self, model: Any, method: Method, backend: str = "auto") -> None:
+    def __init__(self, model: Any, method: Method, backend: str = "auto", observer: Observer | None = None) -> None:
         if not isinstance(method, Method):
             raise ValueError(f"method must be a longattn Method (see longattn.get_method), got {type(method).__name__}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         check_model(model)
         self.model = model
-        self.session = Session(method, backend)
+        if observer is not None and not callable(observer):
+            raise ValueError(f"observer must be callable(layer, q, k, selection, scale, key_mask), got {observer!r}")
+        self.session = Session(method, backend, observer=observer)
         self._previous: str | None = None
         self._modules: list[Any] = []
 

@@ -18,20 +18,32 @@ class GenerationResult:
         tokens: ``[new]`` generated token ids.
         prefill_s: seconds for the prompt's forward pass (time to first token).
         decode_s: seconds for the remaining decode steps.
+        cache: the model's KV cache after the last step. It holds the prompt and every generated token but the
+            last one (which was never fed back), so a conversation continues by feeding that token (unless it
+            is EOS) followed by the next turn's text.
     """
 
     tokens: Tensor
     prefill_s: float
     decode_s: float
+    cache: Any = None
 
 
 @torch.inference_mode()
-def greedy_generate(model: Any, input_ids: Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> GenerationResult:
+def greedy_generate(
+    model: Any,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | None = None,
+    past_key_values: Any = None,
+) -> GenerationResult:
     """Greedy decoding with the model's own cache; only the last position's logits are ever computed.
 
     Args:
-        input_ids: ``[1, T]`` prompt tokens.
+        input_ids: ``[1, T]`` prompt tokens (the new tokens only, when continuing ``past_key_values``).
         max_new_tokens: upper bound on generated tokens (>= 1).
+        past_key_values: a cache from an earlier :class:`GenerationResult` to continue (a follow-up turn);
+            the prompt is then "prefilled" on top of it.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, T], got shape {tuple(input_ids.shape)}")
@@ -39,7 +51,7 @@ def greedy_generate(model: Any, input_ids: Tensor, max_new_tokens: int, eos_toke
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     start = time.perf_counter()
     # logits_to_keep=1: a 12k prompt's full logits would be 12k x vocab floats (GBs) for one needed row.
-    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=input_ids, past_key_values=past_key_values, use_cache=True, logits_to_keep=1)
     prefill = time.perf_counter() - start
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     generated = [token]
@@ -53,4 +65,4 @@ def greedy_generate(model: Any, input_ids: Tensor, max_new_tokens: int, eos_toke
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         generated.append(token)
     decode = time.perf_counter() - start
-    return GenerationResult(torch.cat(generated, dim=1)[0], prefill, decode)
+    return GenerationResult(torch.cat(generated, dim=1)[0], prefill, decode, cache)

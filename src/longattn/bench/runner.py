@@ -1,0 +1,302 @@
+"""The benchmark runner: sweep tasks x methods x lengths x depths x seeds on one model, one JSON line per cell.
+
+Every cell is appended (and flushed) as soon as it finishes, so an interrupted sweep loses at most the cell in
+flight, and a re-run with the same arguments skips every cell already in the file. A method that fails on a
+cell records the error in that cell's line and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from longattn.analysis.recall import RecallRecorder
+from longattn.bench.generate import greedy_generate
+from longattn.bench.memory import PeakMemory
+from longattn.bench.tasks import TASKS, Example
+from longattn.hf import apply
+from longattn.methods.base import Method
+
+SCHEMA = 1
+# Logits of the perplexity task are computed this many positions at a time: a whole 32k x 49k-vocab logit
+# matrix would be 6 GB.
+_NLL_CHUNK = 1024
+_NLL_BUCKETS = 8
+
+
+# Every line carries every field, so a failed cell reads like the others with nulls where nothing was measured.
+_EMPTY: dict[str, Any] = {
+    "tokens": None, "answer": None, "prediction": None, "score": None, "first": None, "nll": None, "density": None,
+    "recall": None, "prefill_s": None, "decode_s": None, "decode_tokens": None, "peak_mem_bytes": None,
+    "mem_delta_bytes": None, "mem_kind": None,
+}
+
+
+@dataclass(frozen=True)
+class SweepSummary:
+    """What a sweep did: cells run now, cells found finished in the file, and cells whose method failed."""
+
+    ran: int
+    skipped: int
+    failed: int
+
+
+def method_config(method: Method) -> dict[str, Any]:
+    """The method's dataclass fields (its whole config) as JSON-ready values."""
+    return {f.name: _jsonable(getattr(method, f.name)) for f in dataclasses.fields(method)}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return repr(value)
+
+
+def cell_key(task: str, haystack: str, label: str, config: Mapping[str, Any], model_id: str, length: int,
+             depth: float | None, seed: int) -> str:
+    """Stable identity of one cell: the same arguments always give the same key (resume matches on it)."""
+    return json.dumps([task, haystack, label, dict(sorted(config.items())), model_id, length, depth, seed],
+                      sort_keys=True)
+
+
+def finished_keys(path: Path) -> set[str]:
+    """Keys of the cells already in ``path`` (errored cells included: delete a line to run it again)."""
+    if not path.exists():
+        return set()
+    keys = set()
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            keys.add(json.loads(line)["key"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{number} is not a result line of longattn bench ({err})") from err
+    return keys
+
+
+def hardware() -> dict[str, Any]:
+    """Where the numbers come from: device, its name, and the CPU threads torch uses."""
+    if torch.cuda.is_available():
+        return {"device": "cuda", "name": torch.cuda.get_device_name(), "threads": torch.get_num_threads()}
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"device": "cpu", "name": name, "threads": torch.get_num_threads()}
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded in every line."""
+    import transformers
+
+    from longattn import __version__
+
+    return {"longattn": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def _encode(tokenizer: Any, text: str, device: torch.device) -> Tensor:
+    # Tasks count their length without special tokens; the model must see exactly the counted tokens.
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+
+
+def _supports(task: ModuleType, haystack: str) -> bool:
+    return haystack in getattr(task, "HAYSTACKS", ("repeat", "natural"))
+
+
+@torch.inference_mode()
+def token_nll(model: Any, input_ids: Tensor) -> Tensor:
+    """Negative log-likelihood of every token given all tokens before it.
+
+    Args:
+        input_ids: ``[1, T]``.
+
+    Returns:
+        ``[T - 1]`` float32: entry ``t`` is ``-log p(token[t + 1] | tokens[: t + 1])``.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state  # [1, T, H]
+    head = model.get_output_embeddings()
+    out = []
+    for start in range(0, input_ids.shape[1] - 1, _NLL_CHUNK):
+        end = min(start + _NLL_CHUNK, input_ids.shape[1] - 1)
+        logits = head(hidden[:, start:end]).float()
+        target = input_ids[:, start + 1 : end + 1]
+        out.append(torch.nn.functional.cross_entropy(logits[0], target[0], reduction="none"))
+    return torch.cat(out)
+
+
+def _nll_record(nll: Tensor, eval_tokens: int) -> dict[str, Any]:
+    n = nll.numel()
+    edges = [round(i * n / _NLL_BUCKETS) for i in range(_NLL_BUCKETS + 1)]
+    buckets = [{"start": a, "end": b, "nll": float(nll[a:b].mean()), "tokens": b - a}
+               for a, b in zip(edges, edges[1:]) if b > a]
+    return {"mean": float(nll[-eval_tokens:].mean()), "eval_tokens": eval_tokens, "buckets": buckets}
+
+
+def run_cell(model: Any, tokenizer: Any, task: ModuleType, example: Example, method: Method,
+             recall_queries: int, max_new_tokens: int) -> dict[str, Any]:
+    """Run one method on one example; returns the measured fields of the cell's record."""
+    device = next(model.parameters()).device
+    ids = _encode(tokenizer, example.prompt, device)
+    recorder = RecallRecorder(recall_queries) if recall_queries > 0 else None
+    kind = getattr(task, "KIND", "generate")
+    rec: dict[str, Any] = {"prediction": None, "score": None, "first": None, "nll": None}
+    with PeakMemory(device) as mem, apply(model, method, observer=recorder) as session:
+        if kind == "nll":
+            start = time.perf_counter()
+            nll = token_nll(model, ids)
+            rec.update(prefill_s=time.perf_counter() - start, decode_s=0.0, decode_tokens=0)
+            rec["nll"] = _nll_record(nll, int(example.meta["eval_tokens"]))
+        else:
+            result = greedy_generate(model, ids, max_new_tokens, tokenizer.eos_token_id)
+            text = tokenizer.decode(result.tokens, skip_special_tokens=True)
+            rec.update(prefill_s=result.prefill_s, decode_s=result.decode_s, decode_tokens=len(result.tokens) - 1)
+            if kind == "followup":
+                # Continue the same conversation: the cache holds the prompt and the answer but its last token.
+                tail = result.tokens[-1:]
+                if tokenizer.eos_token_id is not None and int(tail) == tokenizer.eos_token_id:
+                    tail = tail[:0]
+                follow = torch.cat([tail.view(1, -1), _encode(tokenizer, example.meta["followup"]["prompt"], device)], 1)
+                second = greedy_generate(model, follow, max_new_tokens, tokenizer.eos_token_id, result.cache)
+                answer2 = tokenizer.decode(second.tokens, skip_special_tokens=True)
+                rec["first"] = {"prediction": text, "answer": example.answer, "score": task.score(example, text)}
+                rec.update(prediction=answer2, score=task.score_followup(example, answer2))
+                rec["followup_prefill_s"] = second.prefill_s
+            else:
+                rec.update(prediction=text, score=task.score(example, text))
+    rec["density"] = nan_to_none(session.prefill_stats.density)
+    rec["recall"] = recorder.summary() if recorder is not None else None
+    rec.update(peak_mem_bytes=mem.peak_bytes, mem_delta_bytes=mem.peak_bytes - mem.start_bytes, mem_kind=mem.kind)
+    return rec
+
+
+def run_sweep(
+    model: Any,
+    tokenizer: Any,
+    *,
+    tasks: Sequence[str],
+    methods: Mapping[str, Method],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    seeds: Sequence[int],
+    out: str | Path,
+    model_id: str,
+    haystacks: Sequence[str] = ("repeat",),
+    recall_queries: int = 32,
+    max_new_tokens: int | None = None,
+    progress: Any = None,
+) -> SweepSummary:
+    """Sweep the grid and append one JSON line per cell to ``out``; cells already there are skipped.
+
+    Args:
+        tasks: task names from :data:`longattn.bench.tasks.TASKS`.
+        methods: display label -> method (the label tells two configs of one method apart).
+        lengths: prompt lengths in tokens; depths: needle depths in [0, 1]; seeds: prompt seeds.
+        haystacks: "repeat" and/or "natural"; a task that lacks one is not run with it.
+        recall_queries: query rows sampled per layer for attention recall (0 turns recall off).
+        max_new_tokens: tokens to generate (default: each task's ``MAX_NEW_TOKENS``).
+        progress: a ``rich.progress.Progress`` to report to (None: silent).
+    """
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"tasks {unknown} are unknown; known tasks: {', '.join(sorted(TASKS))}")
+    if not methods:
+        raise ValueError("methods must name at least one method")
+    for depth in depths:
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depths must lie in [0, 1], got {depth}")
+    for length in lengths:
+        if not isinstance(length, int) or length < 128:
+            raise ValueError(f"lengths must be integers >= 128, got {length!r}")
+    if recall_queries < 0:
+        raise ValueError(f"recall_queries must be >= 0, got {recall_queries}")
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = finished_keys(path)
+    configs = {label: method_config(m) for label, m in methods.items()}
+    context = {"model": model_id, "hardware": hardware(), "versions": versions()}
+
+    grid = []
+    for name in tasks:
+        task = TASKS[name]
+        cell_depths: list[float | None] = [None] if getattr(task, "KIND", "generate") == "nll" else list(depths)
+        for haystack in haystacks:
+            if _supports(task, haystack):
+                grid += [(name, haystack, n, d, s) for n in lengths for d in cell_depths for s in seeds]
+    total = len(grid) * len(methods)
+    bar = progress.add_task("bench", total=total) if progress is not None else None
+    ran = skipped = failed = 0
+    with path.open("a") as sink:
+        for name, haystack, length, depth, seed in grid:
+            task = TASKS[name]
+            keys = {label: cell_key(name, haystack, label, configs[label], model_id, length, depth, seed)
+                    for label in methods}
+            todo = [label for label in methods if keys[label] not in done]
+            skipped += len(methods) - len(todo)
+            if bar is not None:
+                progress.advance(bar, len(methods) - len(todo))
+            if not todo:
+                continue
+            example, make_error = None, None
+            try:
+                example = task.make(tokenizer, length, 0.0 if depth is None else depth, seed, haystack=haystack)
+            except Exception as err:  # a task that cannot build this cell is recorded, the sweep goes on
+                make_error = f"{type(err).__name__}: {err}"
+            for label in todo:
+                if bar is not None:
+                    where = "" if depth is None else f" depth {depth:g}"
+                    progress.update(bar, description=f"{name}/{haystack} {label} @ {length}{where} seed {seed}")
+                record = {"schema": SCHEMA, "key": keys[label], "task": name, "haystack": haystack,
+                          "method": methods[label].name, "label": label, "config": configs[label], **context,
+                          "length": length, "depth": depth, "seed": seed, **_EMPTY, "error": make_error}
+                if example is not None:
+                    record.update(tokens=example.meta.get("tokens"), answer=example.answer)
+                    budget = max_new_tokens or getattr(task, "MAX_NEW_TOKENS", 16)
+                    try:
+                        record.update(run_cell(model, tokenizer, task, example, methods[label], recall_queries, budget))
+                    except Exception as err:  # one method failing must not end the sweep
+                        record["error"] = f"{type(err).__name__}: {err}"
+                failed += record["error"] is not None
+                record["time"] = dt.datetime.now().isoformat(timespec="seconds")
+                sink.write(json.dumps(record, default=_jsonable) + "\n")
+                sink.flush()
+                ran += 1
+                if bar is not None:
+                    progress.advance(bar)
+    return SweepSummary(ran, skipped, failed)
+
+
+def parse_lengths(text: str) -> list[int]:
+    """``"2k,4k,8192"`` -> ``[2048, 4096, 8192]`` (k = 1024)."""
+    out = []
+    for part in (p.strip().lower() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            out.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
+        except ValueError as err:
+            raise ValueError(f"lengths must be comma-separated token counts like 2k,4096; got {part!r}") from err
+    if not out:
+        raise ValueError("lengths must name at least one length")
+    return out
+
+
+def nan_to_none(value: float | None) -> float | None:
+    """JSON has no NaN: an undefined ratio is written as null."""
+    return None if value is None or math.isnan(value) else value
