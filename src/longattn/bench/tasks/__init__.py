@@ -1,8 +1,32 @@
-"""Benchmark tasks: pure functions ``make(tokenizer, length, depth, seed) -> Example`` plus a scorer."""
+"""Benchmark tasks, one module each, registered by name in ``TASKS``.
 
+Every task module provides ``KIND`` ("generate", "followup" or "nll"), ``MAX_NEW_TOKENS``,
+``make(tokenizer, length, depth, seed, *, haystack="repeat") -> Example`` and ``score(example, output)``
+in [0, 1]; ``niah_followup`` adds ``score_followup``. Shared machinery lives in ``haystack`` (filler, needle
+insertion, length fitting) and ``niah`` (RULER's wording); neither is a task.
+"""
+
+from longattn.bench.tasks import (
+    niah_followup,
+    niah_multikey,
+    niah_multiquery,
+    niah_multivalue,
+    niah_single,
+    passkey,
+    perplexity,
+    variable_tracking,
+)
 from longattn.bench.tasks.base import Example
-from longattn.bench.tasks import passkey
 
-TASKS = {"passkey": passkey}
+TASKS = {
+    "passkey": passkey,
+    "niah_single": niah_single,
+    "niah_multikey": niah_multikey,
+    "niah_multivalue": niah_multivalue,
+    "niah_multiquery": niah_multiquery,
+    "niah_followup": niah_followup,
+    "variable_tracking": variable_tracking,
+    "perplexity": perplexity,
+}
 
-__all__ = ["Example", "TASKS", "passkey"]
+__all__ = ["Example", "TASKS", *TASKS]
