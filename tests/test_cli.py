@@ -46,3 +46,39 @@ def test_demo_rejects_bad_lengths():
     result = runner.invoke(app, ["demo", "--lengths", "2k"])
     assert result.exit_code != 0
     assert "--lengths" in result.output
+
+
+def test_bench_then_report_on_a_local_checkpoint(tmp_path):
+    """`longattn bench` writes one line per cell and resumes; `longattn report` renders tables and figures."""
+    import json
+
+    save_tiny_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "r.jsonl"
+    args = ["bench", "--task", "niah_single", "--methods", "dense,moba", "--set", "moba.block_size=8",
+            "--set", "moba.top_k=1", "--set", "moba.window=8", "--lengths", "200", "--depths", "0.5",
+            "--seeds", "2", "--recall-queries", "4", "--max-new-tokens", "2", "--model", str(tmp_path / "ckpt"),
+            "--out", str(out)]
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "4 cells run, 0 already" in result.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 4 and {r["label"] for r in lines} == {"dense", "moba"}
+    assert all(r["config"]["top_k"] == 1 for r in lines if r["label"] == "moba")
+    again = runner.invoke(app, args, terminal_width=200)
+    assert "0 cells run, 4 already" in again.output and len(out.read_text().splitlines()) == 4
+
+    result = runner.invoke(app, ["report", str(out), "--out", str(tmp_path / "rep")], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "niah_single" in report and "moba" in report
+    heatmaps = list((tmp_path / "rep").glob("heatmap_niah_single*.png"))
+    assert len(heatmaps) == 1 and heatmaps[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_rejects_bad_arguments():
+    # Every case must fail before the model loads (a valid one would start a real sweep).
+    for args, word in ((["--task", "nope"], "--task"), (["--methods", "dense,dense"], "--methods"),
+                       (["--methods", "dense", "--set", "moba.top_k=2"], "--set"), (["--lengths", "2x"], "lengths"),
+                       (["--haystack", "web"], "--haystack"), (["--methods", "moba", "--set", "moba.top_k=-1"], "top_k")):
+        result = runner.invoke(app, ["bench", *args], terminal_width=200)
+        assert result.exit_code != 0 and word in result.output, (args, result.output)

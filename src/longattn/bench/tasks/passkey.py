@@ -10,6 +10,7 @@ from longattn.bench.tasks import haystack as hs
 from longattn.bench.tasks.base import Example
 
 KIND = "generate"
+HAYSTACKS = ("repeat",)  # the classic test is defined on its repeated filler only
 MAX_NEW_TOKENS = 8
 FILLER = hs.REPEAT_SENTENCES
 INTRO = "There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
