@@ -6,6 +6,7 @@ Recall is measured on sampled query rows only, so the work is ``[n, Tk]`` per he
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -94,21 +95,27 @@ class RecallRecorder:
     Attributes:
         num_queries: query rows sampled per prefill (see :func:`sample_positions`).
         values: per layer, the ``[B, Hq, n]`` recall tensors measured so far.
+        seconds: wall time spent measuring, so that a benchmark can take it out of the prefill time it reports.
     """
 
     num_queries: int = 32
     values: dict[int, list[Tensor]] = field(default_factory=dict)
+    seconds: float = 0.0
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, selection: Selection, scale: float,
                  key_mask: Tensor | None) -> None:
         """Record one layer's recall. ``q [B, Hq, Tq, D]``, ``k [B, Hkv, Tk, D]``."""
         if q.shape[2] == 1:
             return
+        start = time.perf_counter()
         rows = sample_positions(q.shape[2], self.num_queries, q.device)
-        self.values.setdefault(layer, []).append(attention_recall(q.detach(), k.detach(), selection, scale, rows, key_mask).cpu())
+        recall = attention_recall(q.detach(), k.detach(), selection, scale, rows, key_mask)
+        self.values.setdefault(layer, []).append(recall.cpu())
+        self.seconds += time.perf_counter() - start
 
     def reset(self) -> None:
         self.values.clear()
+        self.seconds = 0.0
 
     def per_layer(self) -> tuple[list[float], list[float]]:
         """Mean and 10th percentile of recall for each recorded layer, in layer order."""
