@@ -220,3 +220,12 @@ def test_empty_results_raise(tmp_path):
 def test_importing_the_module_does_not_import_matplotlib():
     code = "import sys, longattn.bench.report; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_added_memory_is_the_largest_growth_and_is_reported(tmp_path):
+    records = [cell(seed=0, mem_delta_bytes=3 * 2**20), cell(seed=1, mem_delta_bytes=5 * 2**20),
+               cell(seed=2, mem_delta_bytes=None)]
+    (row,) = summarize(records)
+    assert row.added_mem_mib == pytest.approx(5.0)
+    text = write_report(records, tmp_path).read_text()
+    assert "added MiB" in text and "| 5 |" in text

@@ -31,7 +31,8 @@ LEGEND = (
     "Accuracy is the mean score over depths and seeds with a 95% interval (Wilson for 0/1 scores), n non-error "
     "cells. Density is the share of causal query-key pairs computed in prefill; recall is the share of dense "
     "attention mass the selection keeps (mean / 10th percentile). Speed-up is dense prefill time / method prefill "
-    "time at the same task and length. Peak memory is the largest over the cells. Errored cells are excluded "
+    "time at the same task and length. Peak memory is the largest over the cells (model weights included); added "
+    "memory is the most a cell grew above what was resident when it began. Errored cells are excluded "
     "from every mean."
 )
 
@@ -61,6 +62,8 @@ class Row:
         first_accuracy: first-turn accuracy (niah_followup only).
         nll: mean negative log-likelihood per token (perplexity only).
         haystack: filler kind where the task has one; different haystacks are never pooled.
+        added_mem_mib: largest memory any cell added on top of what was resident when it began (the model's
+            weights are in the peak, not in this), MiB.
     """
 
     task: str
@@ -81,6 +84,7 @@ class Row:
     first_accuracy: float | None
     nll: float | None
     haystack: str | None = None
+    added_mem_mib: float | None = None
 
 
 def load_results(path: str | Path) -> list[dict]:
@@ -161,6 +165,7 @@ def _row(key: tuple, cells: list[dict], dense_prefill: float | None) -> Row:
     recalls = [c["recall"] for c in ok if c.get("recall")]
     prefill = _mean(c.get("prefill_s") for c in ok)
     peaks = [c["peak_mem_bytes"] for c in ok if c.get("peak_mem_bytes") is not None]
+    added = [c["mem_delta_bytes"] for c in ok if c.get("mem_delta_bytes") is not None]
     return Row(
         task=task, label=label, length=length, n=len(ok), errors=len(cells) - len(ok),
         accuracy=accuracy, ci_low=low, ci_high=high,
@@ -172,6 +177,7 @@ def _row(key: tuple, cells: list[dict], dense_prefill: float | None) -> Row:
         first_accuracy=_mean((c.get("first") or {}).get("score") for c in ok),
         nll=_mean((c.get("nll") or {}).get("mean") for c in ok),
         haystack=haystack,
+        added_mem_mib=max(added) / MIB if added else None,
     )
 
 
@@ -330,7 +336,8 @@ def _main_table(section: _Section) -> list[str]:
     quality = "NLL (n)" if section.perplexity else "accuracy [95% CI] (n)"
     header = ["method", "length", quality] + (["first turn"] if followup else []) + [
         "density", "recall mean / p10", "prefill s", "speed-up vs dense", "decode ms/token",
-        f"peak MiB ({'/'.join(_ordered(str(c.get('mem_kind')) for c in section.cells)) or '?'})", "errors"]
+        f"peak MiB ({'/'.join(_ordered(str(c.get('mem_kind')) for c in section.cells)) or '?'})", "added MiB",
+        "errors"]
     body = []
     for r in section.rows:
         score = f"{_fmt(r.nll, 3)} ({r.n})" if section.perplexity else _accuracy(r)
@@ -338,7 +345,7 @@ def _main_table(section: _Section) -> list[str]:
         speedup = "—" if r.speedup is None else f"{r.speedup:.2f}×"
         body.append([r.label, str(r.length), score] + ([_fmt(r.first_accuracy, 2)] if followup else []) + [
             _fmt(r.density, 3), recall, _fmt(r.prefill_s, 2), speedup, _fmt(r.decode_ms_per_token, 1),
-            _fmt(r.peak_mem_mib, 0), str(r.errors)])
+            _fmt(r.peak_mem_mib, 0), _fmt(r.added_mem_mib, 0), str(r.errors)])
     return _table(header, body)
 
 
