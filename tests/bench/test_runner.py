@@ -139,6 +139,8 @@ def test_bad_arguments(tiny, tmp_path, monkeypatch):
         _sweep(tiny, tmp_path / "r.jsonl", monkeypatch, tasks=["nope"])
     with pytest.raises(ValueError, match="depths"):
         _sweep(tiny, tmp_path / "r.jsonl", monkeypatch, depths=[1.5])
+    with pytest.raises(ValueError, match="haystack"):
+        _sweep(tiny, tmp_path / "r.jsonl", monkeypatch, haystacks=["natural"])  # the toy task only has "repeat"
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")
     with pytest.raises(ValueError, match="bad.jsonl:1"):

@@ -229,6 +229,10 @@ def run_sweep(
     for length in lengths:
         if not isinstance(length, int) or length < 128:
             raise ValueError(f"lengths must be integers >= 128, got {length!r}")
+    for name in tasks:
+        if not any(_supports(TASKS[name], h) for h in haystacks):
+            allowed = getattr(TASKS[name], "HAYSTACKS", ("repeat", "natural"))
+            raise ValueError(f"task {name!r} has no haystack among {list(haystacks)}; it supports {list(allowed)}")
     if recall_queries < 0:
         raise ValueError(f"recall_queries must be >= 0, got {recall_queries}")
     path = Path(out)
