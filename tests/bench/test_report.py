@@ -229,3 +229,9 @@ def test_added_memory_is_the_largest_growth_and_is_reported(tmp_path):
     assert row.added_mem_mib == pytest.approx(5.0)
     text = write_report(records, tmp_path).read_text()
     assert "added MiB" in text and "| 5 |" in text
+
+
+@pytest.mark.parametrize("k,n", [(n, n) for n in range(1, 13)] + [(0, n) for n in range(1, 13)])
+def test_interval_always_holds_its_mean(k, n):
+    mean, low, high = interval([1.0] * k + [0.0] * (n - k))
+    assert low <= mean <= high

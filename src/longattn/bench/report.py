@@ -139,7 +139,8 @@ def interval(scores: Sequence[float], z: float = 1.96) -> tuple[float, float, fl
     else:
         centre = mean
         half = z * statistics.stdev(scores) / math.sqrt(n) if n > 1 else 0.0
-    return mean, max(0.0, centre - half), min(1.0, centre + half)
+    # Rounding can put a Wilson bound a hair past the mean at 0/n or n/n; the interval always holds the mean.
+    return mean, max(0.0, min(mean, centre - half)), min(1.0, max(mean, centre + half))
 
 
 def summarize(records: Sequence[dict]) -> list[Row]:
@@ -523,7 +524,8 @@ def _recall_figure(plt: Any, records: Sequence[dict], path: Path) -> bool:
     curves = {k: v for k, v in curves.items() if k[0] not in full}
     if not curves:
         return False
-    labels = _ordered(label for label, _ in curves)
+    # Colours follow the order of all labels, as in the other figures, though dense is not drawn here.
+    labels = _ordered(_label(r) for r in records)
     lengths = sorted({n for _, n in curves})
     fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.2), squeeze=False,
                              layout="constrained", sharey=True)
