@@ -186,6 +186,7 @@ def bench(
     import longattn
     from longattn.bench.runner import parse_lengths, run_sweep
     from longattn.bench.tasks import TASKS
+    from longattn.bench.tasks.haystack import HAYSTACKS
     from longattn.hf import DEFAULT_GGUF
 
     console = Console()
@@ -200,7 +201,7 @@ def bench(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
     stacks = [h.strip() for h in haystack.split(",") if h.strip()]
-    if not stacks or any(h not in ("repeat", "natural") for h in stacks):
+    if not stacks or any(h not in HAYSTACKS for h in stacks):
         raise typer.BadParameter(f"--haystack must be repeat and/or natural, got {haystack!r}")
     with console.status("loading model"):
         lm, tok = longattn.load_model(model)

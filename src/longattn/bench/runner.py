@@ -26,6 +26,7 @@ from longattn.analysis.recall import RecallRecorder
 from longattn.bench.generate import greedy_generate
 from longattn.bench.memory import PeakMemory
 from longattn.bench.tasks import TASKS, Example
+from longattn.bench.tasks.haystack import HAYSTACKS
 from longattn.hf import apply
 from longattn.methods.base import Method
 
@@ -115,8 +116,9 @@ def _encode(tokenizer: Any, text: str, device: torch.device) -> Tensor:
     return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
 
 
-def _supports(task: ModuleType, haystack: str) -> bool:
-    return haystack in getattr(task, "HAYSTACKS", ("repeat", "natural"))
+def _haystacks(task: ModuleType) -> tuple[str, ...]:
+    """The haystacks a task can build: its own ``HAYSTACKS``, else every one."""
+    return getattr(task, "HAYSTACKS", HAYSTACKS)
 
 
 @torch.inference_mode()
@@ -230,8 +232,8 @@ def run_sweep(
         if not isinstance(length, int) or length < 128:
             raise ValueError(f"lengths must be integers >= 128, got {length!r}")
     for name in tasks:
-        if not any(_supports(TASKS[name], h) for h in haystacks):
-            allowed = getattr(TASKS[name], "HAYSTACKS", ("repeat", "natural"))
+        allowed = _haystacks(TASKS[name])
+        if not set(allowed) & set(haystacks):
             raise ValueError(f"task {name!r} has no haystack among {list(haystacks)}; it supports {list(allowed)}")
     if recall_queries < 0:
         raise ValueError(f"recall_queries must be >= 0, got {recall_queries}")
@@ -246,7 +248,7 @@ def run_sweep(
         task = TASKS[name]
         cell_depths: list[float | None] = [None] if getattr(task, "KIND", "generate") == "nll" else list(depths)
         for haystack in haystacks:
-            if _supports(task, haystack):
+            if haystack in _haystacks(task):
                 grid += [(name, haystack, n, d, s) for n in lengths for d in cell_depths for s in seeds]
     total = len(grid) * len(methods)
     bar = progress.add_task("bench", total=total) if progress is not None else None
