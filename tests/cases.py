@@ -16,6 +16,7 @@ class Case:
     config: dict[str, Any]
     full: dict[str, Any] = field(default_factory=dict)
     sparse: bool = True  # False for dense, which has no budget to shrink
+    causal_selection: bool = True  # False where a query block's *choice* of blocks may depend on later tokens
 
     @property
     def id(self) -> str:
@@ -32,4 +33,26 @@ CASES = [
     Case("moba", {"block_size": 16, "top_k": 1, "window": 0, "sink_tokens": 0}, full={"top_k": 1 << 10}),
     Case("moba", {"block_size": 32, "query_block_size": 16, "top_k": 1, "window": 32}, full={"top_k": 1 << 10}),
     Case("moba", {"block_size": 16, "top_k": 2, "window": 16, "share_kv_heads": True}, full={"top_k": 1 << 10}),
+    Case("quest", {"block_size": 16, "top_k": 2, "window": 16}, full={"top_k": 1 << 10}),
+    Case("quest", {"block_size": 8, "top_k": 3, "window": 0, "sink_tokens": 0}, full={"top_k": 1 << 10}),
+    Case("quest", {"block_size": 16, "top_k": 2, "window": 16, "share_kv_heads": True}, full={"top_k": 1 << 10}),
+    Case("infllm", {"block_size": 16, "top_k": 2, "window": 16, "representatives": 4}, full={"top_k": 1 << 10}),
+    Case("infllm", {"block_size": 32, "top_k": 1, "window": 0, "representatives": 1}, full={"top_k": 1 << 10}),
+    Case("longheads", {"block_size": 16, "top_k": 2, "window": 16}, full={"top_k": 1 << 10}),
+    Case("longheads", {"block_size": 32, "top_k": 1, "window": 32, "sink_tokens": 32}, full={"top_k": 1 << 10}),
+    Case("dhsa", {"block_size": 16, "top_k": 2, "window": 16, "unit": 4}, full={"top_k": 1 << 10}),
+    Case("dhsa", {"block_size": 16, "top_k": 1, "window": 0, "sink_tokens": 0, "unit": 8, "threshold": 0.0},
+         full={"top_k": 1 << 10}),
+    Case("hip", {"block_size": 16, "top_k": 2, "window": 16}, full={"top_k": 1 << 10}),
+    Case("hip", {"block_size": 8, "top_k": 3, "window": 0, "sink_tokens": 0}, full={"top_k": 1 << 10}),
+    Case("routing", {"block_size": 16, "top_k": 2, "window": 16, "clusters": 4, "epoch_tokens": 64},
+         full={"top_k": 1 << 10}),
+    Case("routing", {"block_size": 16, "top_k": 1, "window": 0, "clusters": 8, "route_top": 2, "seed": 3},
+         full={"top_k": 1 << 10}),
+    Case("flexprefill", {"block_size": 16, "gamma": 0.5, "window": 16}, full={"gamma": 1.0},
+         causal_selection=False),
+    Case("flexprefill", {"block_size": 16, "gamma": 0.3, "tau": 1.0, "window": 0, "sink_tokens": 0},
+         full={"gamma": 1.0}, causal_selection=False),
+    Case("retrieval", {"top_k": 24, "window": 16}, full={"top_k": 1 << 10}),
+    Case("retrieval", {"block_size": 8, "top_k": 2, "window": 8}, full={"top_k": 1 << 10}),
 ]

@@ -134,7 +134,7 @@ class Session:
         hkv, tk = k.shape[1], k.shape[2]
         layer = int(getattr(module, "layer_idx", 0))
         ctx = SelectionContext(
-            kv_len=tk, q_offset=tk - tq, layer=layer, num_kv_heads=hkv, key_mask=key_mask, device=q.device
+            kv_len=tk, q_offset=tk - tq, layer=layer, num_kv_heads=hkv, key_mask=key_mask, device=q.device, keys=k
         )
         if getattr(self.method, "use_sdpa", False):  # only `dense` has it: the SDPA baseline, nothing to select
             out = dense_attention(q, k, v, scale, key_mask)

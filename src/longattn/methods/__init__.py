@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import fields
+from importlib import import_module
 from typing import Any
 
 from longattn.methods.base import Method, SelectionContext, TopKMethod
@@ -10,7 +11,21 @@ from longattn.methods.dense import Dense
 from longattn.methods.moba import MoBA
 from longattn.methods.streaming import Streaming
 
-_REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, Streaming, MoBA)}
+# name -> class name in longattn/methods/<name>.py; imported on first use, so a method's cost (and any
+# optional dependency) is paid only by users of that method.
+_REGISTRY: dict[str, str] = {
+    "dense": "Dense",
+    "streaming": "Streaming",
+    "moba": "MoBA",
+    "quest": "Quest",
+    "infllm": "InfLLM",
+    "longheads": "LongHeads",
+    "dhsa": "DHSA",
+    "hip": "HiP",
+    "routing": "Routing",
+    "flexprefill": "FlexPrefill",
+    "retrieval": "Retrieval",
+}
 
 
 def list_methods() -> list[str]:
@@ -22,7 +37,10 @@ def method_class(name: str) -> type[Method]:
     """The class registered under ``name``."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown method name {name!r}; known methods: {', '.join(list_methods())}")
-    return _REGISTRY[name]
+    cls = getattr(import_module(f"longattn.methods.{name}"), _REGISTRY[name])
+    if cls.name != name:  # the registry key is the file stem and the class's own name
+        raise RuntimeError(f"method class {cls.__name__} declares name {cls.name!r} but is registered as {name!r}")
+    return cls
 
 
 def get_method(name: str, /, **config: Any) -> Method:

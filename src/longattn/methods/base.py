@@ -31,6 +31,8 @@ class SelectionContext:
         num_kv_heads: ``Hkv``.
         key_mask: ``[B, Tk]`` bool, False on padding keys; None when every key is valid.
         device: where the step's tensors live.
+        keys: ``[B, Hkv, Tk, D]`` this layer's post-RoPE keys, cache included (a view, never a copy), for
+            methods that score raw keys instead of block summaries; None where the caller has none.
     """
 
     kv_len: int
@@ -39,6 +41,7 @@ class SelectionContext:
     num_kv_heads: int
     key_mask: Tensor | None = None
     device: torch.device = torch.device("cpu")
+    keys: Tensor | None = None
 
 
 @dataclass
@@ -130,6 +133,16 @@ class Method:
         blocks = torch.arange(nkb, device=last.device).view(1, -1)
         return (blocks <= (last // self.block_size).view(-1, 1)).view(1, 1, -1, nkb)
 
+    def raw_keys(self, ctx: SelectionContext) -> Tensor:
+        """``ctx.keys`` ``[B, Hkv, Tk, D]``, or a clear error for a caller that did not pass them."""
+        if ctx.keys is None or ctx.keys.dim() != 4 or ctx.keys.shape[2] != ctx.kv_len:
+            got = None if ctx.keys is None else tuple(ctx.keys.shape)
+            raise ValueError(
+                f"method {self.name!r} scores raw keys: SelectionContext.keys must be [B, Hkv, Tk={ctx.kv_len}, D], "
+                f"got {got}"
+            )
+        return ctx.keys
+
     def _query_span(self, q_len: int, ctx: SelectionContext, qbs: int) -> tuple[Tensor, Tensor]:
         nqb = -(-q_len // qbs)
         first = ctx.q_offset + torch.arange(nqb, device=ctx.device) * qbs
@@ -163,6 +176,19 @@ class TopKMethod(Method):
 
     def block_mask(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int) -> Tensor:
         b, hq, tq, _ = q.shape
+        static = self.static_mask(tq, ctx, qbs)
+        scores = self.block_scores(q, summaries, ctx, qbs)  # [B, Hq, Qblk, Nblk]
+        if self.share_kv_heads:
+            scores = scores.view(b, ctx.num_kv_heads, -1, *scores.shape[2:]).amax(dim=2)
+        return static | top_blocks(scores, self.eligible_mask(tq, ctx, qbs, static), self.top_k)
+
+    def block_scores(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int) -> Tensor:
+        """Score of every key block for every query block: ``[B, Hq, Qblk, Nblk]`` float32 (higher = keep).
+
+        The default pools :meth:`score` over each query block's queries; methods whose score is not per query
+        token (hierarchical, clustered, adaptive) override this instead.
+        """
+        b = q.shape[0]
         nkb = -(-ctx.kv_len // self.block_size)
         if summaries is None or summaries.dim() != 5 or summaries.shape[:3] != (b, ctx.num_kv_heads, nkb):
             got = None if summaries is None else tuple(summaries.shape)
@@ -170,22 +196,21 @@ class TopKMethod(Method):
                 f"method {self.name!r} needs block summaries [B={b}, Hkv={ctx.num_kv_heads}, Nblk={nkb}, R, D] "
                 f"({self.summary!r}), got {got}"
             )
-        static = self.static_mask(tq, ctx, qbs)
-        scores = self.pooled_scores(q, summaries, qbs)  # [B, Hq, Qblk, Nblk]
-        if self.share_kv_heads:
-            scores = scores.view(b, ctx.num_kv_heads, -1, *scores.shape[2:]).amax(dim=2)
-        eligible = self.causal_block_mask(tq, ctx, qbs) & ~static
+        return self.pooled_scores(q, summaries, qbs)
+
+    def eligible_mask(self, q_len: int, ctx: SelectionContext, qbs: int, static: Tensor) -> Tensor:
+        """Blocks a query block may retrieve: causal, not already static, not all padding.
+
+        Returns ``[B or 1, 1, Qblk, Nblk]`` bool.
+        """
+        nkb = -(-ctx.kv_len // self.block_size)
+        eligible = self.causal_block_mask(q_len, ctx, qbs) & ~static
         if ctx.key_mask is not None:
+            b = ctx.key_mask.shape[0]
             pad = nkb * self.block_size - ctx.kv_len
             has_key = torch.nn.functional.pad(ctx.key_mask, (0, pad)).view(b, nkb, -1).any(-1)
             eligible = eligible & has_key.view(b, 1, 1, nkb)
-        scores = scores.masked_fill(~eligible, float("-inf"))
-        k = min(self.top_k, scores.shape[-1])
-        picked = torch.zeros_like(eligible.expand_as(scores))
-        if k > 0:
-            top = scores.topk(k, dim=-1)
-            picked = picked.scatter(-1, top.indices, torch.isfinite(top.values))
-        return static | picked
+        return eligible
 
     def pooled_scores(self, q: Tensor, summaries: Tensor, qbs: int) -> Tensor:
         """Max over each query block's queries of the per-query scores: ``[B, Hq, Qblk, Nblk]`` float32.
@@ -199,6 +224,25 @@ class TopKMethod(Method):
         # Padding rows of the last block take -inf so they never win the max.
         scores = torch.nn.functional.pad(scores, (0, 0, 0, nqb * qbs - tq), value=float("-inf"))
         return scores.view(b, hq, nqb, qbs, -1).amax(dim=3)
+
+
+def top_blocks(scores: Tensor, eligible: Tensor, k: int) -> Tensor:
+    """The ``k`` highest-scoring eligible blocks of each row (fewer where fewer are eligible).
+
+    Args:
+        scores: ``[B, H, Qblk, Nblk]`` float; higher is better.
+        eligible: bool, broadcastable to ``scores``.
+
+    Returns:
+        ``[B, H, Qblk, Nblk]`` bool.
+    """
+    scores = scores.masked_fill(~eligible, float("-inf"))
+    picked = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    k = min(k, scores.shape[-1])
+    if k > 0:
+        top = scores.topk(k, dim=-1)
+        picked = picked.scatter(-1, top.indices, torch.isfinite(top.values))
+    return picked
 
 
 def group_queries(q: Tensor, num_kv_heads: int) -> Tensor:
