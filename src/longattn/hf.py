@@ -126,7 +126,7 @@ class Session:
 
     def __post_init__(self) -> None:
         if self.method.summary is not None:
-            self.index = BlockIndex(self.method.block_size, self.method.summary)
+            self.index = BlockIndex(self.method.block_size, self.method.summariser())
 
     def attend(self, module: Any, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, scale: float) -> Tensor:
         """One layer's attention. ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]`` -> ``[B, Tq, Hq, D]``."""
@@ -144,7 +144,7 @@ class Session:
             return out.transpose(1, 2)
         summaries = None
         if self.index is not None:
-            summaries = self.index.update(k, layer, new_tokens=tq)
+            summaries = self.index.update(k, layer, new_tokens=tq, q=q)
         selection = self.method.select(q, summaries, ctx)
         out, _ = block_sparse_attention(
             q, k, v, selection, scale, causal=True, key_mask=key_mask, backend=self.backend

@@ -87,3 +87,32 @@ def test_bad_custom_summary_shape_raises():
     index = BlockIndex(4, lambda blocks: blocks.float().mean(3))  # drops the R dimension
     with pytest.raises(ValueError, match="summary must map"):
         index.update(torch.zeros(1, 1, 8, 2), layer=0)
+
+
+class _RecordingSummary:
+    """Mean key plus mean query of each block, so a test can see which queries the index passed."""
+
+    uses_queries = True
+
+    def __call__(self, blocks, queries):
+        if queries is None:
+            return torch.full_like(blocks[:, :, :, :1].float(), float("nan"))
+        return queries.float().view(*blocks.shape[:2], -1, *blocks.shape[2:]).mean(dim=(2, 4)).unsqueeze(3)
+
+
+def test_query_summaries_see_each_blocks_own_queries_in_prefill_and_decode():
+    torch.manual_seed(0)
+    k, q = torch.randn(1, 2, 70, 4), torch.randn(1, 4, 70, 4)
+    index = BlockIndex(16, _RecordingSummary())
+    index.update(k[:, :, :21], layer=0, new_tokens=21, q=q[:, :, :21])  # prefill ends inside block 1
+    for t in range(22, 71):  # decode: block 1's queries come from the prefill and from 11 decode steps
+        got = index.update(k[:, :, :t], layer=0, new_tokens=1, q=q[:, :, t - 1 : t])
+    expect = torch.nn.functional.pad(q, (0, 0, 0, 10)).view(1, 2, 2, 5, 16, 4).mean(dim=(2, 4))  # [1, 2, 5, 4]
+    torch.testing.assert_close(got[:, :, :4, 0], expect[:, :, :4])
+    torch.testing.assert_close(got[:, :, 4, 0], q[:, :, 64:].view(1, 2, 2, 6, 4).mean(dim=(2, 3)))
+
+
+def test_query_summaries_fall_back_to_keys_when_queries_are_missing():
+    k, q = torch.randn(1, 2, 40, 4), torch.randn(1, 4, 8, 4)
+    got = BlockIndex(16, _RecordingSummary()).update(k, layer=0, q=q)  # 8 queries cannot cover 40 positions
+    assert torch.isnan(got).all()

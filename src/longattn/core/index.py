@@ -14,8 +14,10 @@ from torch import Tensor
 
 from longattn.core.checks import check_int
 
-# A summariser maps key blocks [B, Hkv, N, L, D] to representatives [B, Hkv, N, R, D] (float32).
-Summariser = Callable[[Tensor], Tensor]
+# A summariser maps key blocks [B, Hkv, N, L, D] to representatives [B, Hkv, N, R, D] (float32). One with a
+# true `uses_queries` attribute is called as fn(blocks, queries) with the same positions' queries
+# [B, Hq, N, L, D], or None where the index does not have them.
+Summariser = Callable[..., Tensor]
 
 
 def mean_summary(blocks: Tensor) -> Tensor:
@@ -29,7 +31,30 @@ def minmax_summary(blocks: Tensor) -> Tensor:
     return torch.stack((b.amin(dim=3), b.amax(dim=3)), dim=3)
 
 
-SUMMARIES: dict[str, Summariser] = {"mean": mean_summary, "minmax": minmax_summary}
+def attention_pooled_summary(blocks: Tensor) -> Tensor:
+    """Chunk representation pooled by the chunk's own attention.
+
+    The chunk's mean key acts as a query over the chunk's keys; the representation is the softmax-weighted sum
+    of the keys, so the few keys that dominate the chunk dominate its representation instead of being averaged
+    with filler.
+
+    Args:
+        blocks: ``[B, Hkv, N, L, D]`` keys of N chunks.
+
+    Returns:
+        ``[B, Hkv, N, 1, D]`` float32.
+    """
+    k = blocks.float()
+    mean = k.mean(dim=3, keepdim=True)  # [B, Hkv, N, 1, D]
+    weights = torch.softmax((k * mean).sum(-1) * k.shape[-1] ** -0.5, dim=-1)  # [B, Hkv, N, L]
+    return torch.einsum("bhnl,bhnld->bhnd", weights, k).unsqueeze(3)
+
+
+SUMMARIES: dict[str, Summariser] = {
+    "mean": mean_summary,
+    "minmax": minmax_summary,
+    "attention_pooled": attention_pooled_summary,
+}
 
 
 @dataclass
@@ -38,6 +63,7 @@ class _LayerState:
     anchors: Tensor | None  # [B, Hkv, Nfull, D] the last key of each stored block
     tokens: int  # keys covered by `summaries` (a multiple of block_size)
     seen: int  # keys in the cache at the last update
+    pending_q: Tensor | None = None  # [B, Hq, seen - tokens, D] queries of the partial block (query summarisers)
 
 
 @dataclass
@@ -46,7 +72,10 @@ class BlockIndex:
 
     Attributes:
         block_size: keys per block.
-        summary: a name in ``SUMMARIES`` ("mean", "minmax") or a callable ``[B, Hkv, N, L, D] -> [B, Hkv, N, R, D]``.
+        summary: a name in ``SUMMARIES`` ("mean", "minmax", "attention_pooled") or a callable
+            ``[B, Hkv, N, L, D] -> [B, Hkv, N, R, D]``. A callable with ``uses_queries = True`` also receives the
+            queries of the block's own positions (InfLLM's representative tokens); the index keeps the queries
+            of the partial last block until it fills, so decode summarises with real queries too.
     """
 
     block_size: int
@@ -75,7 +104,7 @@ class BlockIndex:
         state = self._layers.get(layer)
         return 0 if state is None else state.tokens
 
-    def update(self, k: Tensor, layer: int, new_tokens: int | None = None) -> Tensor:
+    def update(self, k: Tensor, layer: int, new_tokens: int | None = None, q: Tensor | None = None) -> Tensor:
         """Summaries of every key block of ``k``, the partial last block included.
 
         Stored summaries are reused only while ``k`` provably continues the indexed sequence: the same
@@ -87,6 +116,7 @@ class BlockIndex:
             k: ``[B, Hkv, Tk, D]`` all keys of this layer so far (the KV cache after this step).
             layer: layer index.
             new_tokens: keys this step appended to the cache (the query length), if known.
+            q: ``[B, Hq, Tq, D]`` this step's queries (the newest ``Tq`` positions), for summarisers that use them.
 
         Returns:
             ``[B, Hkv, ceil(Tk / block_size), R, D]`` float32.
@@ -102,9 +132,13 @@ class BlockIndex:
         if state is None:
             state = _LayerState(summaries=None, anchors=None, tokens=0, seen=0)
         done = state.tokens // bs
+        queries = self._queries(state, q, t)  # [B, Hq, t - done * bs, D] or None
         if n_full > done:
             fresh = k[:, :, done * bs : n_full * bs].reshape(b, h, n_full - done, bs, d)
-            new = self._fn(fresh)
+            fresh_q = None
+            if queries is not None:
+                fresh_q = queries[:, :, : (n_full - done) * bs].reshape(b, -1, n_full - done, bs, d)
+            new = self._summarise(fresh, fresh_q)
             if new.dim() != 5 or new.shape[:3] != (b, h, n_full - done) or new.shape[4] != d:
                 raise ValueError(
                     f"summary must map [B, Hkv, N, L, D] to [B, Hkv, N, R, D]; got {tuple(new.shape)} "
@@ -115,12 +149,33 @@ class BlockIndex:
             state.anchors = anchors if state.anchors is None else torch.cat((state.anchors, anchors), dim=2)
             state.tokens = n_full * bs
         state.seen = t
+        state.pending_q = None if queries is None else queries[:, :, (n_full - done) * bs :].clone()
         self._layers[layer] = state
         if t > n_full * bs:
-            tail = self._fn(k[:, :, n_full * bs :].unsqueeze(2))
+            tail_q = None if state.pending_q is None else state.pending_q.unsqueeze(2)
+            tail = self._summarise(k[:, :, n_full * bs :].unsqueeze(2), tail_q)
             return tail if state.summaries is None else torch.cat((state.summaries, tail), dim=2)
         assert state.summaries is not None  # t >= 1 and no tail means at least one full block
         return state.summaries
+
+    def _summarise(self, blocks: Tensor, queries: Tensor | None) -> Tensor:
+        if getattr(self._fn, "uses_queries", False):
+            return self._fn(blocks, queries)
+        return self._fn(blocks)
+
+    def _queries(self, state: _LayerState, q: Tensor | None, t: int) -> Tensor | None:
+        """Queries of positions ``[state.tokens, t)`` when the index holds or receives all of them, else None."""
+        if q is None or not getattr(self._fn, "uses_queries", False):
+            return None
+        if q.dim() != 4:
+            raise ValueError(f"q must be [B, Hq, Tq, D], got shape {tuple(q.shape)}")
+        missing = t - state.tokens  # positions of the partial block and of this step
+        have = q.shape[2] + (0 if state.pending_q is None else state.pending_q.shape[2])
+        if state.pending_q is not None and have == missing:
+            return torch.cat((state.pending_q, q), dim=2)
+        if q.shape[2] >= missing:
+            return q[:, :, q.shape[2] - missing :]
+        return None  # e.g. a cache re-indexed mid-sequence: the summariser falls back to keys alone
 
     def _continues(self, state: _LayerState, k: Tensor, new_tokens: int | None) -> bool:
         if new_tokens is not None and k.shape[2] - new_tokens != state.seen:

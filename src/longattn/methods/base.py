@@ -7,7 +7,7 @@ their query ranks highest. Execution is the shared operator's job, never the met
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -71,6 +71,10 @@ class Method:
         check_int("window", self.window, 0)
         if self.query_block_size is not None:
             check_int("query_block_size", self.query_block_size, 1, power_of_two=True)
+
+    def summariser(self) -> "str | Callable[..., Tensor]":
+        """What the session's BlockIndex keeps per key block: ``summary`` by default, or a configured callable."""
+        return self.summary  # type: ignore[return-value]
 
     def q_block_size(self, q_len: int) -> int:
         """Query block size for a step of ``q_len`` queries: 1 in decode, else the configured size."""
