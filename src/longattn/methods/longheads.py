@@ -16,8 +16,9 @@ class LongHeads(TopKMethod):
     """LongHeads keeps the first chunk and the local chunks and lets every head pick, by itself, the ``top_k``
     chunks whose representation its query scores highest, so each head attends only an in-window number of
     tokens while the heads of a layer together read the whole context. A chunk is represented by its keys
-    pooled with the chunk's own attention rather than by a plain mean. Its position policy for context extension
-    lives with the other position policies. Paper: LongHeads, https://arxiv.org/abs/2402.10685
+    pooled with the chunk's own attention rather than by a plain mean. (The paper also re-maps positions so the
+    selected chunks sit inside the trained window; that is a position policy for context extension, separate
+    from this selection rule.) Paper: LongHeads, https://arxiv.org/abs/2402.10685
     """
 
     block_size: int = 16
