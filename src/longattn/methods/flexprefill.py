@@ -1,0 +1,267 @@
+"""FlexPrefill: each head picks a query-aware or a vertical-slash pattern, and keeps just enough blocks to
+cover ``gamma`` of its attention mass."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from longattn.core.checks import check_int
+from longattn.core.selection import Selection
+from longattn.methods import base
+from longattn.methods.base import Method, SelectionContext, group_queries, top_blocks
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One step's per-head pattern, decided once from the step's last query block (see FlexPrefill.plan).
+
+    Attributes:
+        vertical_slash: ``[B, Hq]`` bool, True where the head uses the vertical-slash pattern.
+        columns: ``[B, Hq, Nblk]`` bool, key blocks kept as vertical lines; None when unused.
+        diagonals: ``[B, Hq, Tk + 1]`` int64, number of kept diagonal offsets ``< o`` at index ``o`` (a prefix
+            count, so "is any kept offset in ``[lo, hi]``" costs two lookups); None when unused.
+        mass: ``[B, Hq, Nblk]`` float32, the last query block's true attention per key block, which ranks the
+            ``min_blocks`` of vertical-slash heads; None when unused.
+    """
+
+    vertical_slash: Tensor
+    columns: Tensor | None = None
+    diagonals: Tensor | None = None
+    mass: Tensor | None = None
+
+
+@dataclass
+class FlexPrefill(Method):
+    """Context-aware sparse attention: per head and input, the pooled attention of the last query block is
+    estimated from mean queries and mean keys and compared with the true one (Jensen-Shannon distance);
+    heads where they agree take, per query block, the fewest blocks whose estimated mass reaches ``gamma``
+    (query-aware), the others keep the fewest vertical lines and diagonals of the last query block's true
+    attention that reach ``gamma`` (vertical-slash). The budget thus adapts to each head and input instead of
+    a fixed top-k. Paper: FlexPrefill, https://arxiv.org/abs/2502.20766
+    """
+
+    block_size: int = 16
+    sink_tokens: int = 16
+    window: int = 128
+    gamma: float = 0.9
+    """Attention mass each head's selection must cover, in (0, 1]: lower is sparser; 1.0 keeps every causal
+    block (dense)."""
+    tau: float = 0.1
+    """Threshold in [0, 1] on the Jensen-Shannon distance (square root of the divergence, nats, at most
+    sqrt(ln 2) ~ 0.83) between the estimated and the true block attention: below it the head is query-aware,
+    else vertical-slash. 1.0 makes every head query-aware, 0.0 every head vertical-slash."""
+    min_blocks: int = 1
+    """Retrieved blocks each query block keeps at least, besides the sinks and the window."""
+
+    name: ClassVar[str] = "flexprefill"
+    paper: ClassVar[str] = (
+        "FlexPrefill: A Context-Aware Sparse Attention Mechanism for Efficient Long-Sequence Inference "
+        "https://arxiv.org/abs/2502.20766"
+    )
+    summary: ClassVar[str | None] = "mean"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_fraction("gamma", self.gamma, low_open=True)
+        _check_fraction("tau", self.tau, low_open=False)
+        check_int("min_blocks", self.min_blocks, 0)
+
+    def q_block_size(self, q_len: int) -> int:
+        if q_len == 1:
+            return 1
+        return self.query_block_size or min(self.block_size, 16)
+
+    def select(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext) -> Selection:
+        """Plan every head's pattern once from the whole step, then select chunk by chunk as ``Method.select``.
+
+        The pattern depends on the step's last query block, which a chunk may not hold: planning first keeps
+        chunked selection equal to one-shot.
+        """
+        b, hq, tq, _ = q.shape
+        summaries = self._checked(summaries, b, ctx)
+        plan = self.plan(q, summaries, ctx)
+        qbs = self.q_block_size(tq)
+        nqb, nkb = -(-tq // qbs), -(-ctx.kv_len // self.block_size)
+        # The chunk budget is read from base at call time: one setting for every method (tests shrink it).
+        step = max(1, base._SELECT_CHUNK_ELEMENTS // (b * hq * nkb * qbs))
+        parts = []
+        for first in range(0, nqb, step):
+            rows = slice(first * qbs, min((first + step) * qbs, tq))
+            sub = replace(ctx, q_offset=ctx.q_offset + first * qbs)
+            mask = self.block_mask(q[:, :, rows], summaries, sub, qbs, plan)
+            parts.append(Selection.from_mask(mask, qbs, self.block_size))
+        return Selection.concat(parts)
+
+    def plan(self, q: Tensor, summaries: Tensor, ctx: SelectionContext) -> Plan:
+        """Decide each head's pattern from the last ``q_block_size`` rows of ``q [B, Hq, Tq, D]`` (a full block
+        even where the step's last query block is partial), against every key of ``ctx.keys``.
+
+        Decode (``Tq = 1``) and ``gamma = 1`` need no decision (nor raw keys): every head is query-aware.
+        """
+        b, hq, tq, d = q.shape
+        if tq == 1 or self.gamma >= 1.0:
+            return Plan(vertical_slash=torch.zeros(b, hq, dtype=torch.bool, device=q.device))
+        bs, tk, hkv = self.block_size, ctx.kv_len, ctx.num_kv_heads
+        nkb = -(-tk // bs)
+        n = min(self.q_block_size(tq), tq)
+        pos = ctx.q_offset + tq - n + torch.arange(n, device=q.device)  # [n] absolute query positions
+        g = group_queries(q[:, :, -n:], hkv)  # [B, Hkv, G, n, D]
+        keys = self.raw_keys(ctx).float()
+        # True attention of the last query block: n x Tk per head, linear in the context.
+        logits = torch.einsum("bhgnd,bhkd->bhgnk", g, keys) / math.sqrt(d)
+        visible = torch.arange(tk, device=q.device).view(1, -1) <= pos.view(-1, 1)  # [n, Tk]
+        if ctx.key_mask is not None:
+            visible = visible & ctx.key_mask.view(b, 1, 1, 1, tk)
+        attn = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+        attn = attn.reshape(b, hq, n, tk)
+
+        true = _block_sums(attn.sum(2), bs)  # [B, Hq, Nblk]: column mass summed per key block
+        true = true / true.sum(-1, keepdim=True).clamp_min(1e-30)
+        # Estimate: a block's mass ~ (visible query-key pairs) x exp(mean q . mean k). The pair count is the
+        # same for every full block, as in the paper; it only corrects the partly visible diagonal block, which
+        # pooled scores alone overrate (and which made every head of a diffuse model look vertical-slash).
+        pairs = _block_sums(visible.float().sum(-2).view(-1, 1, tk), bs)  # [B or 1, 1, Nblk]
+        est_logits = torch.einsum("bhgd,bhnd->bhgn", g.mean(3), summaries[:, :, :, 0]).reshape(b, hq, nkb)
+        est = torch.softmax(est_logits / math.sqrt(d) + pairs.log(), dim=-1).nan_to_num(0.0)
+        vertical_slash = _js_distance(est, true) >= self.tau  # [B, Hq]
+
+        # Lines are kept by whole blocks: the fewest key blocks (vertical) and diagonal bands of block_size
+        # offsets (slash, offset = query pos - key pos) covering gamma. Kept single columns would scatter over
+        # every block on a diffuse head and select all of them.
+        columns = _cover(true, self.gamma)  # [B, Hq, Nblk]
+        offsets = (pos.view(-1, 1) - torch.arange(tk, device=q.device).view(1, -1)).clamp(min=0)  # [n, Tk]
+        slash = torch.zeros(b, hq, tk, device=q.device).scatter_add_(
+            -1, offsets.reshape(1, 1, -1).expand(b, hq, -1), attn.reshape(b, hq, -1)
+        )  # [B, Hq, Tk] mass per offset; non-causal pairs carry no attention, so clamping their offset adds 0
+        bands = _cover(_block_sums(slash, bs), self.gamma)  # [B, Hq, ceil(Tk / bs)]
+        kept = bands.repeat_interleave(bs, dim=-1)[..., :tk].long()  # [B, Hq, Tk] per offset
+        diagonals = torch.nn.functional.pad(kept.cumsum(-1), (1, 0))  # [B, Hq, Tk + 1]
+        return Plan(vertical_slash, columns, diagonals, true)
+
+    def block_mask(
+        self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int, plan: Plan | None = None
+    ) -> Tensor:
+        """``[B, Hq, Qblk, Nblk]`` bool: sinks + window, plus each head's pattern within the causal blocks.
+
+        Without ``plan`` the pattern is decided from ``q``'s own last query block (``select`` plans once for
+        the whole step instead).
+        """
+        b, hq, tq, d = q.shape
+        summaries = self._checked(summaries, b, ctx)
+        static = self.static_mask(tq, ctx, qbs)
+        eligible = self._eligible(tq, ctx, qbs, static)  # [B or 1, 1, Qblk, Nblk]
+        if self.gamma >= 1.0:
+            # Sorted cumulative sums may stop short of 1.0 in float: full budget keeps every block explicitly.
+            return (static | eligible).expand(b, hq, -1, -1)
+        if plan is None:
+            plan = self.plan(q, summaries, ctx)
+
+        scores = self.pooled_scores(q, summaries, qbs).masked_fill(~eligible, float("-inf"))  # [B, Hq, Qblk, Nblk]
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with nothing eligible are NaN
+        # Ineligible blocks weigh 0 and sort last, so min_blocks counts eligible ones first.
+        picked = _cover(probs, self.gamma, self.min_blocks) & eligible
+        if bool(plan.vertical_slash.any()):
+            assert plan.columns is not None and plan.diagonals is not None and plan.mass is not None
+            lines = (plan.columns.unsqueeze(2) | self._diagonal_blocks(tq, ctx, qbs, plan.diagonals)) & eligible
+            if self.min_blocks > 0:
+                lines = lines | top_blocks(plan.mass.unsqueeze(2), eligible, self.min_blocks)
+            picked = torch.where(plan.vertical_slash.view(b, hq, 1, 1), lines, picked)
+        return static | picked
+
+    def pooled_scores(self, q: Tensor, summaries: Tensor, qbs: int) -> Tensor:
+        """Mean query of each query block against each mean key, scaled: ``[B, Hq, Qblk, Nblk]`` float32."""
+        b, hq, tq, d = q.shape
+        nqb = -(-tq // qbs)
+        # Padding rows of the last query block are zeros and are left out of its mean.
+        padded = torch.nn.functional.pad(q.float(), (0, 0, 0, nqb * qbs - tq))
+        rows = torch.clamp(tq - torch.arange(nqb, device=q.device) * qbs, max=qbs).view(1, 1, -1, 1)
+        pooled = padded.view(b, hq, nqb, qbs, d).sum(3) / rows  # [B, Hq, Qblk, D]
+        g = group_queries(pooled, summaries.shape[1])  # [B, Hkv, G, Qblk, D]
+        s = torch.einsum("bhgqd,bhnd->bhgqn", g, summaries[:, :, :, 0]) / math.sqrt(d)
+        return s.reshape(b, hq, nqb, -1)
+
+    def _diagonal_blocks(self, q_len: int, ctx: SelectionContext, qbs: int, diagonals: Tensor) -> Tensor:
+        """Key blocks crossed by a kept diagonal in each query block: ``[B, Hq, Qblk, Nblk]`` bool.
+
+        Query block ``[f, l]`` meets key block ``[s, s + bs - 1]`` along offset ``o`` iff
+        ``f - s - bs + 1 <= o <= l - s``.
+        """
+        bs, tk = self.block_size, ctx.kv_len
+        first, last = self._query_span(q_len, ctx, qbs)
+        start = torch.arange(-(-tk // bs), device=first.device).view(1, -1) * bs  # [1, Nblk]
+        lo = (first.view(-1, 1) - start - bs + 1).clamp(0, tk)  # [Qblk, Nblk]
+        hi = (last.view(-1, 1) - start + 1).clamp(0, tk)  # exclusive
+        b, hq, _ = diagonals.shape
+        both = torch.stack((hi, lo)).view(1, 1, -1).expand(b, hq, -1)
+        kept_below = diagonals.gather(-1, both).view(b, hq, 2, *hi.shape)  # kept offsets < hi and < lo
+        return kept_below[:, :, 0] > kept_below[:, :, 1]
+
+    def _eligible(self, q_len: int, ctx: SelectionContext, qbs: int, static: Tensor) -> Tensor:
+        """Causal, non-static, not-all-padding blocks: ``[B or 1, 1, Qblk, Nblk]`` (as TopKMethod.eligible_mask)."""
+        eligible = self.causal_block_mask(q_len, ctx, qbs) & ~static
+        has_key = self._has_key(ctx)
+        return eligible if has_key is None else eligible & has_key.view(has_key.shape[0], 1, 1, -1)
+
+    def _has_key(self, ctx: SelectionContext) -> Tensor | None:
+        """``[B, Nblk]`` bool, False on all-padding blocks; None without a key mask."""
+        if ctx.key_mask is None:
+            return None
+        return _block_sums(ctx.key_mask.float(), self.block_size) > 0
+
+    def _checked(self, summaries: Tensor | None, b: int, ctx: SelectionContext) -> Tensor:
+        nkb = -(-ctx.kv_len // self.block_size)
+        if summaries is None or summaries.dim() != 5 or summaries.shape[:3] != (b, ctx.num_kv_heads, nkb):
+            got = None if summaries is None else tuple(summaries.shape)
+            raise ValueError(
+                f"method {self.name!r} needs block summaries [B={b}, Hkv={ctx.num_kv_heads}, Nblk={nkb}, 1, D] "
+                f"('mean'), got {got}"
+            )
+        return summaries
+
+
+def _cover(weights: Tensor, gamma: float, at_least: int = 1) -> Tensor:
+    """The fewest entries of each row, heaviest first, whose share of the row's total reaches ``gamma``
+    (and at least ``at_least`` of them); entries tied with the lightest kept one are kept too.
+
+    Args:
+        weights: ``[..., N]`` non-negative float.
+
+    Returns:
+        ``[..., N]`` bool.
+    """
+    ordered = weights.sort(dim=-1, descending=True).values
+    total = ordered.sum(-1, keepdim=True)
+    # An entry is needed while the heavier ones before it still fall short of gamma; the first always is.
+    needed = ((ordered.cumsum(-1) - ordered) < gamma * total).sum(-1, keepdim=True)
+    needed = needed.clamp(min=max(at_least, 1), max=weights.shape[-1])
+    # A threshold instead of scattering the sorted ranks back: one comparison over the row.
+    return weights >= ordered.gather(-1, needed - 1)
+
+
+def _block_sums(x: Tensor, block_size: int) -> Tensor:
+    """Sum over each key block: ``[B, H, Tk] -> [B, H, ceil(Tk / block_size)]``."""
+    pad = -x.shape[-1] % block_size
+    x = torch.nn.functional.pad(x, (0, pad))
+    return x.view(*x.shape[:-1], -1, block_size).sum(-1)
+
+
+def _js_distance(p: Tensor, q: Tensor) -> Tensor:
+    """Jensen-Shannon distance (square root of the divergence, nats) of distributions ``[..., N]`` -> ``[...]``."""
+    m = (p + q) / 2
+    # xlogy makes 0 * log 0 = 0, where one distribution has no mass.
+    kl_p = (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(-1)
+    kl_q = (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1)
+    return (0.5 * (kl_p + kl_q)).clamp_min(0.0).sqrt()
+
+
+def _check_fraction(name: str, value: object, low_open: bool) -> None:
+    """Raise ValueError unless ``value`` is a real number in ``(0, 1]`` (``low_open``) or ``[0, 1]``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (value > 0.0 if low_open else value >= 0.0) and value <= 1.0:  # NaN fails both
+            return
+    raise ValueError(f"{name} must be a number in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}")
