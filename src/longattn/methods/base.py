@@ -7,7 +7,7 @@ their query ranks highest. Execution is the shared operator's job, never the met
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -95,16 +95,28 @@ class Method:
         b, hq, tq, _ = q.shape
         qbs = self.q_block_size(tq)
         nqb, nkb = -(-tq // qbs), -(-ctx.kv_len // self.block_size)
+        prepared = self.prepare(q, summaries, ctx)
         # Scores are per query token before pooling, so a chunk holds qbs rows per query block.
         step = max(1, _SELECT_CHUNK_ELEMENTS // (b * hq * nkb * qbs))
         parts = []
         for first in range(0, nqb, step):
             rows = slice(first * qbs, min((first + step) * qbs, tq))
             sub = replace(ctx, q_offset=ctx.q_offset + first * qbs)
-            parts.append(Selection.from_mask(self.block_mask(q[:, :, rows], summaries, sub, qbs), qbs, self.block_size))
+            mask = self.block_mask(q[:, :, rows], summaries, sub, qbs, prepared)
+            parts.append(Selection.from_mask(mask, qbs, self.block_size))
         return Selection.concat(parts)
 
-    def block_mask(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int) -> Tensor:
+    def prepare(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext) -> Any:
+        """Work done once per step for all query chunks (a clustering, a per-head plan), handed to every
+        :meth:`block_mask` call as ``prepared``. Doing it per chunk would repeat it T / chunk times, and a
+        decision that depends on the whole step (FlexPrefill's last query block) would differ between chunks.
+        Default: nothing.
+        """
+        return None
+
+    def block_mask(
+        self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int, prepared: Any = None
+    ) -> Tensor:
         """``[B, H, Qblk, Nblk]`` bool mask of selected blocks; the static part is sinks + window."""
         b, hq, tq, _ = q.shape
         return self.static_mask(tq, ctx, qbs).expand(b, hq, -1, -1)
@@ -136,6 +148,20 @@ class Method:
         _, last = self._query_span(q_len, ctx, qbs)
         blocks = torch.arange(nkb, device=last.device).view(1, -1)
         return (blocks <= (last // self.block_size).view(-1, 1)).view(1, 1, -1, nkb)
+
+    def eligible_mask(self, q_len: int, ctx: SelectionContext, qbs: int, static: Tensor) -> Tensor:
+        """Blocks a query block may retrieve: causal, not already static, not all padding.
+
+        Returns ``[B or 1, 1, Qblk, Nblk]`` bool.
+        """
+        nkb = -(-ctx.kv_len // self.block_size)
+        eligible = self.causal_block_mask(q_len, ctx, qbs) & ~static
+        if ctx.key_mask is not None:
+            b = ctx.key_mask.shape[0]
+            pad = nkb * self.block_size - ctx.kv_len
+            has_key = torch.nn.functional.pad(ctx.key_mask, (0, pad)).view(b, nkb, -1).any(-1)
+            eligible = eligible & has_key.view(b, 1, 1, nkb)
+        return eligible
 
     def raw_keys(self, ctx: SelectionContext) -> Tensor:
         """``ctx.keys`` ``[B, Hkv, Tk, D]``, or a clear error for a caller that did not pass them."""
@@ -178,15 +204,19 @@ class TopKMethod(Method):
         """Per-query block scores: ``q [B, Hq, Tq, D]``, summaries ``[B, Hkv, Nblk, R, D]`` -> ``[B, Hq, Tq, Nblk]``."""
         raise NotImplementedError
 
-    def block_mask(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int) -> Tensor:
+    def block_mask(
+        self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int, prepared: Any = None
+    ) -> Tensor:
         b, hq, tq, _ = q.shape
         static = self.static_mask(tq, ctx, qbs)
-        scores = self.block_scores(q, summaries, ctx, qbs)  # [B, Hq, Qblk, Nblk]
+        scores = self.block_scores(q, summaries, ctx, qbs, prepared)  # [B, Hq, Qblk, Nblk]
         if self.share_kv_heads:
             scores = scores.view(b, ctx.num_kv_heads, -1, *scores.shape[2:]).amax(dim=2)
         return static | top_blocks(scores, self.eligible_mask(tq, ctx, qbs, static), self.top_k)
 
-    def block_scores(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int) -> Tensor:
+    def block_scores(
+        self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int, prepared: Any = None
+    ) -> Tensor:
         """Score of every key block for every query block: ``[B, Hq, Qblk, Nblk]`` float32 (higher = keep).
 
         The default pools :meth:`score` over each query block's queries; methods whose score is not per query
@@ -201,20 +231,6 @@ class TopKMethod(Method):
                 f"({self.summary!r}), got {got}"
             )
         return self.pooled_scores(q, summaries, qbs)
-
-    def eligible_mask(self, q_len: int, ctx: SelectionContext, qbs: int, static: Tensor) -> Tensor:
-        """Blocks a query block may retrieve: causal, not already static, not all padding.
-
-        Returns ``[B or 1, 1, Qblk, Nblk]`` bool.
-        """
-        nkb = -(-ctx.kv_len // self.block_size)
-        eligible = self.causal_block_mask(q_len, ctx, qbs) & ~static
-        if ctx.key_mask is not None:
-            b = ctx.key_mask.shape[0]
-            pad = nkb * self.block_size - ctx.kv_len
-            has_key = torch.nn.functional.pad(ctx.key_mask, (0, pad)).view(b, nkb, -1).any(-1)
-            eligible = eligible & has_key.view(b, 1, 1, nkb)
-        return eligible
 
     def pooled_scores(self, q: Tensor, summaries: Tensor, qbs: int) -> Tensor:
         """Max over each query block's queries of the per-query scores: ``[B, Hq, Qblk, Nblk]`` float32.

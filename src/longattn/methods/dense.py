@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -30,6 +30,8 @@ class Dense(Method):
     name: ClassVar[str] = "dense"
     paper: ClassVar[str] = "Attention Is All You Need (Vaswani et al., 2017) https://arxiv.org/abs/1706.03762"
 
-    def block_mask(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int) -> Tensor:
+    def block_mask(
+        self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int, prepared: Any = None
+    ) -> Tensor:
         b, hq, tq, _ = q.shape
         return self.causal_block_mask(tq, ctx, qbs).expand(b, hq, -1, -1)

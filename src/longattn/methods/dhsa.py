@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -89,7 +89,9 @@ class DHSA(TopKMethod):
         end = torch.nn.functional.pad(later[:, :, 1:], (0, 1), value=n)
         return start, end
 
-    def block_scores(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int) -> Tensor:
+    def block_scores(
+        self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int, prepared: Any = None
+    ) -> Tensor:
         """``q [B, Hq, Tq, D]`` -> ``[B, Hq, Qblk, Nblk]`` float32: each key block's best unit score, max over
         each query block's queries.
 

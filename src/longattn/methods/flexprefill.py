@@ -4,15 +4,13 @@ cover ``gamma`` of its attention mass."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from longattn.core.checks import check_int
-from longattn.core.selection import Selection
-from longattn.methods import base
 from longattn.methods.base import Method, SelectionContext, group_queries, top_blocks
 
 
@@ -76,26 +74,10 @@ class FlexPrefill(Method):
             return 1
         return self.query_block_size or min(self.block_size, 16)
 
-    def select(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext) -> Selection:
-        """Plan every head's pattern once from the whole step, then select chunk by chunk as ``Method.select``.
-
-        The pattern depends on the step's last query block, which a chunk may not hold: planning first keeps
-        chunked selection equal to one-shot.
-        """
-        b, hq, tq, _ = q.shape
-        summaries = self._checked(summaries, b, ctx)
-        plan = self.plan(q, summaries, ctx)
-        qbs = self.q_block_size(tq)
-        nqb, nkb = -(-tq // qbs), -(-ctx.kv_len // self.block_size)
-        # The chunk budget is read from base at call time: one setting for every method (tests shrink it).
-        step = max(1, base._SELECT_CHUNK_ELEMENTS // (b * hq * nkb * qbs))
-        parts = []
-        for first in range(0, nqb, step):
-            rows = slice(first * qbs, min((first + step) * qbs, tq))
-            sub = replace(ctx, q_offset=ctx.q_offset + first * qbs)
-            mask = self.block_mask(q[:, :, rows], summaries, sub, qbs, plan)
-            parts.append(Selection.from_mask(mask, qbs, self.block_size))
-        return Selection.concat(parts)
+    def prepare(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext) -> Plan:
+        """Plan every head's pattern once from the whole step: it depends on the step's last query block, which
+        a chunk of :meth:`Method.select` may not hold, so planning per chunk would break chunked == one-shot."""
+        return self.plan(q, self._checked(summaries, q.shape[0], ctx), ctx)
 
     def plan(self, q: Tensor, summaries: Tensor, ctx: SelectionContext) -> Plan:
         """Decide each head's pattern from the last ``q_block_size`` rows of ``q [B, Hq, Tq, D]`` (a full block
@@ -144,17 +126,18 @@ class FlexPrefill(Method):
         return Plan(vertical_slash, columns, diagonals, true)
 
     def block_mask(
-        self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int, plan: Plan | None = None
+        self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int, prepared: Any = None
     ) -> Tensor:
         """``[B, Hq, Qblk, Nblk]`` bool: sinks + window, plus each head's pattern within the causal blocks.
 
-        Without ``plan`` the pattern is decided from ``q``'s own last query block (``select`` plans once for
-        the whole step instead).
+        ``prepared`` is the step's :class:`Plan` from :meth:`prepare`; without it the pattern is decided from
+        ``q``'s own last query block.
         """
+        plan = prepared if isinstance(prepared, Plan) else None
         b, hq, tq, d = q.shape
         summaries = self._checked(summaries, b, ctx)
         static = self.static_mask(tq, ctx, qbs)
-        eligible = self._eligible(tq, ctx, qbs, static)  # [B or 1, 1, Qblk, Nblk]
+        eligible = self.eligible_mask(tq, ctx, qbs, static)  # [B or 1, 1, Qblk, Nblk]
         if self.gamma >= 1.0:
             # Sorted cumulative sums may stop short of 1.0 in float: full budget keeps every block explicitly.
             return (static | eligible).expand(b, hq, -1, -1)
@@ -200,18 +183,6 @@ class FlexPrefill(Method):
         both = torch.stack((hi, lo)).view(1, 1, -1).expand(b, hq, -1)
         kept_below = diagonals.gather(-1, both).view(b, hq, 2, *hi.shape)  # kept offsets < hi and < lo
         return kept_below[:, :, 0] > kept_below[:, :, 1]
-
-    def _eligible(self, q_len: int, ctx: SelectionContext, qbs: int, static: Tensor) -> Tensor:
-        """Causal, non-static, not-all-padding blocks: ``[B or 1, 1, Qblk, Nblk]`` (as TopKMethod.eligible_mask)."""
-        eligible = self.causal_block_mask(q_len, ctx, qbs) & ~static
-        has_key = self._has_key(ctx)
-        return eligible if has_key is None else eligible & has_key.view(has_key.shape[0], 1, 1, -1)
-
-    def _has_key(self, ctx: SelectionContext) -> Tensor | None:
-        """``[B, Nblk]`` bool, False on all-padding blocks; None without a key mask."""
-        if ctx.key_mask is None:
-            return None
-        return _block_sums(ctx.key_mask.float(), self.block_size) > 0
 
     def _checked(self, summaries: Tensor | None, b: int, ctx: SelectionContext) -> Tensor:
         nkb = -(-ctx.kv_len // self.block_size)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -34,7 +34,9 @@ class HiP(TopKMethod):
     )
     summary: ClassVar[str | None] = "mean"
 
-    def block_mask(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int) -> Tensor:
+    def block_mask(
+        self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int, prepared: Any = None
+    ) -> Tensor:
         """``q [B, Hq, Tq, D]``, summaries ``[B, Hkv, Nblk, 1, D]`` -> ``[B, H, Qblk, Nblk]`` bool, H = Hq or Hkv."""
         b, hq, tq, d = q.shape
         hkv, nkb = ctx.num_kv_heads, -(-ctx.kv_len // self.block_size)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -34,7 +34,9 @@ class Retrieval(TopKMethod):
     )
     summary: ClassVar[str | None] = None
 
-    def block_scores(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int) -> Tensor:
+    def block_scores(
+        self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int, prepared: Any = None
+    ) -> Tensor:
         """``q [B, Hq, Tq, D]`` -> ``[B, Hq, Qblk, Nblk]``: max over the block's keys and the query block's queries."""
         k = self.raw_keys(ctx)
         b, hq, tq, _ = q.shape

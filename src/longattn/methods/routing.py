@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from longattn.core.checks import check_int
-from longattn.core.selection import Selection
 from longattn.methods.base import SelectionContext, TopKMethod, group_queries
 
 
@@ -75,10 +74,9 @@ class Routing(TopKMethod):
             )
         check_int("seed", self.seed, 0)
 
-    def select(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext) -> Selection:
-        """:meth:`Method.select`, with the keys clustered once for all query chunks instead of once per chunk
-        (which would cost O(T) per chunk, O(T^2) per call)."""
-        return super().select(q, self.routes(ctx), ctx)  # type: ignore[arg-type]  # block_scores reads it
+    def prepare(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext) -> Routes:
+        """Cluster the keys once for all query chunks (per chunk it would cost O(T) each, O(T^2) per call)."""
+        return self.routes(ctx)
 
     def cluster(self, keys: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Causal online spherical k-means over epochs of ``epoch_tokens`` keys.
@@ -145,7 +143,7 @@ class Routing(TopKMethod):
         return Routes(centroids, hist, unit.sum(3) / valid.clamp(min=1))
 
     def block_scores(
-        self, q: Tensor, summaries: Tensor | Routes | None, ctx: SelectionContext, qbs: int
+        self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int, prepared: Any = None
     ) -> Tensor:
         """``q [B, Hq, Tq, D]`` -> ``[B, Hq, Qblk, Nblk]``.
 
@@ -155,9 +153,9 @@ class Routing(TopKMethod):
         higher count always wins.
 
         Args:
-            summaries: the :class:`Routes` that :meth:`select` computed once; anything else is recomputed.
+            prepared: the :class:`Routes` that :meth:`prepare` computed once for the step (None: recomputed).
         """
-        routes = summaries if isinstance(summaries, Routes) else self.routes(ctx)
+        routes = prepared if isinstance(prepared, Routes) else self.routes(ctx)
         b, hq, tq, d = q.shape
         hkv, epochs = routes.centroids.shape[1], routes.centroids.shape[2]
         nkb, nqb = routes.mean_key.shape[2], -(-tq // qbs)
