@@ -13,7 +13,8 @@ runner = CliRunner()
 def test_methods_lists_every_method_with_its_paper():
     result = runner.invoke(app, ["methods"], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
-    for name in ("dense", "streaming", "moba"):
+    for name in ("dense", "streaming", "moba", "quest", "infllm", "longheads", "dhsa", "hip", "routing",
+                 "flexprefill", "retrieval"):
         assert name in result.output
     assert "2502.13189" in result.output  # MoBA's arXiv id
 

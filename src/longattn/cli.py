@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,7 +49,8 @@ def methods() -> None:
     for name in list_methods():
         cls = method_class(name)
         # The docstring's first sentence, whatever its line breaks.
-        idea = " ".join((cls.__doc__ or "").split()).split(". ")[0].rstrip(".") + "."
+        # A sentence ends at ". " before a capital letter, not inside code like ``q . mean``.
+        idea = re.split(r"\.\s+(?=[A-Z])", " ".join((cls.__doc__ or "").split()))[0].rstrip(".") + "."
         table.add_row(name, idea, cls.paper)
     console.print(table)
 

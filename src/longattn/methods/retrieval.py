@@ -28,11 +28,18 @@ class Retrieval(TopKMethod):
     top_k: int = 512
     """Units retrieved per query block beyond the sinks and the window (512 tokens at block_size 1)."""
 
+    query_block_size: int | None = 16
+    """Queries sharing one selection in prefill (decode selects per token). 16 is what the block methods use,
+    so the oracle is compared at their granularity; 1 is per-token retrieval, 16x the selection work."""
+
     name: ClassVar[str] = "retrieval"
     paper: ClassVar[str] = (
         "RetrievalAttention: Accelerating Long-Context LLM Inference via Vector Retrieval https://arxiv.org/abs/2409.10516"
     )
     summary: ClassVar[str | None] = None
+
+    def q_block_size(self, q_len: int) -> int:
+        return 1 if q_len == 1 else (self.query_block_size or 1)
 
     def block_scores(
         self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int, prepared: Any = None
