@@ -163,6 +163,17 @@ class Method:
             eligible = eligible & has_key.view(b, 1, 1, nkb)
         return eligible
 
+    def checked_summaries(self, summaries: Tensor | None, batch: int, ctx: SelectionContext) -> Tensor:
+        """``summaries`` ``[B, Hkv, Nblk, R, D]`` of this step, or a clear error naming the expected shape."""
+        nkb = -(-ctx.kv_len // self.block_size)
+        if summaries is None or summaries.dim() != 5 or summaries.shape[:3] != (batch, ctx.num_kv_heads, nkb):
+            got = None if summaries is None else tuple(summaries.shape)
+            raise ValueError(
+                f"method {self.name!r} needs block summaries [B={batch}, Hkv={ctx.num_kv_heads}, Nblk={nkb}, R, D] "
+                f"({self.summary!r}), got {got}"
+            )
+        return summaries
+
     def raw_keys(self, ctx: SelectionContext) -> Tensor:
         """``ctx.keys`` ``[B, Hkv, Tk, D]``, or a clear error for a caller that did not pass them."""
         if ctx.keys is None or ctx.keys.dim() != 4 or ctx.keys.shape[2] != ctx.kv_len:
@@ -222,15 +233,7 @@ class TopKMethod(Method):
         The default pools :meth:`score` over each query block's queries; methods whose score is not per query
         token (hierarchical, clustered, adaptive) override this instead.
         """
-        b = q.shape[0]
-        nkb = -(-ctx.kv_len // self.block_size)
-        if summaries is None or summaries.dim() != 5 or summaries.shape[:3] != (b, ctx.num_kv_heads, nkb):
-            got = None if summaries is None else tuple(summaries.shape)
-            raise ValueError(
-                f"method {self.name!r} needs block summaries [B={b}, Hkv={ctx.num_kv_heads}, Nblk={nkb}, R, D] "
-                f"({self.summary!r}), got {got}"
-            )
-        return self.pooled_scores(q, summaries, qbs)
+        return self.pooled_scores(q, self.checked_summaries(summaries, q.shape[0], ctx), qbs)
 
     def pooled_scores(self, q: Tensor, summaries: Tensor, qbs: int) -> Tensor:
         """Max over each query block's queries of the per-query scores: ``[B, Hq, Qblk, Nblk]`` float32.

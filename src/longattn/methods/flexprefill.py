@@ -77,7 +77,7 @@ class FlexPrefill(Method):
     def prepare(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext) -> Plan:
         """Plan every head's pattern once from the whole step: it depends on the step's last query block, which
         a chunk of :meth:`Method.select` may not hold, so planning per chunk would break chunked == one-shot."""
-        return self.plan(q, self._checked(summaries, q.shape[0], ctx), ctx)
+        return self.plan(q, self.checked_summaries(summaries, q.shape[0], ctx), ctx)
 
     def plan(self, q: Tensor, summaries: Tensor, ctx: SelectionContext) -> Plan:
         """Decide each head's pattern from the last ``q_block_size`` rows of ``q [B, Hq, Tq, D]`` (a full block
@@ -135,7 +135,7 @@ class FlexPrefill(Method):
         """
         plan = prepared if isinstance(prepared, Plan) else None
         b, hq, tq, d = q.shape
-        summaries = self._checked(summaries, b, ctx)
+        summaries = self.checked_summaries(summaries, b, ctx)
         static = self.static_mask(tq, ctx, qbs)
         eligible = self.eligible_mask(tq, ctx, qbs, static)  # [B or 1, 1, Qblk, Nblk]
         if self.gamma >= 1.0:
@@ -183,16 +183,6 @@ class FlexPrefill(Method):
         both = torch.stack((hi, lo)).view(1, 1, -1).expand(b, hq, -1)
         kept_below = diagonals.gather(-1, both).view(b, hq, 2, *hi.shape)  # kept offsets < hi and < lo
         return kept_below[:, :, 0] > kept_below[:, :, 1]
-
-    def _checked(self, summaries: Tensor | None, b: int, ctx: SelectionContext) -> Tensor:
-        nkb = -(-ctx.kv_len // self.block_size)
-        if summaries is None or summaries.dim() != 5 or summaries.shape[:3] != (b, ctx.num_kv_heads, nkb):
-            got = None if summaries is None else tuple(summaries.shape)
-            raise ValueError(
-                f"method {self.name!r} needs block summaries [B={b}, Hkv={ctx.num_kv_heads}, Nblk={nkb}, 1, D] "
-                f"('mean'), got {got}"
-            )
-        return summaries
 
 
 def _cover(weights: Tensor, gamma: float, at_least: int = 1) -> Tensor:
