@@ -50,7 +50,7 @@ class Broken(Method):
 
     name = "broken"
 
-    def block_mask(self, q, summaries, ctx, qbs):
+    def block_mask(self, q, summaries, ctx, qbs, prepared=None):
         raise RuntimeError("selection exploded")
 
 
