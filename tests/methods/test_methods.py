@@ -15,6 +15,7 @@ from longattn.methods import SelectionContext
 from longattn.ops import block_sparse_attention
 from tests.cases import CASES, Case
 from tests.conftest import tiny_model
+from tests.methods.helpers import select, token_mask
 
 LENGTH = 200  # prompt tokens: 13 blocks of 16, not a multiple of any block size used
 
@@ -90,13 +91,6 @@ def test_apply_restores_model_on_exit_and_on_error(case: Case, model):
 # --------------------------------------------------------------------- property tests on the operator level
 
 
-def _run_method(method, q, k):
-    b, hq, tq, _ = q.shape
-    index = BlockIndex(method.block_size, method.summariser()) if method.summary else None
-    ctx = SelectionContext(kv_len=k.shape[2], q_offset=k.shape[2] - tq, layer=0, num_kv_heads=k.shape[1], keys=k)
-    return method.select(q, index.update(k, 0, q=q) if index else None, ctx)
-
-
 @settings(max_examples=30, deadline=None)
 @given(
     case=st.sampled_from([c for c in CASES if c.sparse]),
@@ -111,9 +105,9 @@ def test_full_budget_is_dense_and_causal(case, tk, decode, seed):
     k = torch.randn(1, 2, tk, 8, generator=g)
     v = torch.randn(1, 2, tk, 8, generator=g)
     full = longattn.get_method(case.name, **{**case.config, **case.full})
-    sel = _run_method(full, q, k)
+    sel = select(full, q, k)
     out, _ = block_sparse_attention(q, k, v, sel)
-    dense_sel = _run_method(longattn.get_method("dense", block_size=full.block_size), q, k)
+    dense_sel = select(longattn.get_method("dense", block_size=full.block_size), q, k)
     dense, _ = block_sparse_attention(q, k, v, dense_sel)
     torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-4)
     # Causality of the selection: a query block's blocks never start after its last query.
@@ -133,13 +127,13 @@ def test_future_keys_do_not_change_past_outputs(case):
     k = torch.randn(1, 2, 256, 8, generator=g)
     v = torch.randn(1, 2, 256, 8, generator=g)
     method = longattn.get_method(case.name, **case.config)
-    out, _ = block_sparse_attention(q, k, v, _run_method(method, q, k))
+    out, _ = block_sparse_attention(q, k, v, select(method, q, k))
     k2, v2 = k.clone(), v.clone()
     k2[:, :, 128:] = torch.randn(1, 2, 128, 8, generator=g)
     v2[:, :, 128:] = torch.randn(1, 2, 128, 8, generator=g)
     q2 = q.clone()
     q2[:, :, 128:] = torch.randn(1, 4, 128, 8, generator=g)
-    out2, _ = block_sparse_attention(q2, k2, v2, _run_method(method, q2, k2))
+    out2, _ = block_sparse_attention(q2, k2, v2, select(method, q2, k2))
     # Query blocks end at multiples of 16 or 32, so rows before 128 lie in blocks that end by 128.
     torch.testing.assert_close(out[:, :, :128], out2[:, :, :128])
 
@@ -147,8 +141,8 @@ def test_future_keys_do_not_change_past_outputs(case):
 def test_shared_kv_heads_selects_per_kv_head():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 64, 8, generator=g), torch.randn(1, 2, 64, 8, generator=g)
-    shared = _run_method(longattn.get_method("moba", block_size=16, top_k=1, window=0, share_kv_heads=True), q, k)
-    per_head = _run_method(longattn.get_method("moba", block_size=16, top_k=1, window=0), q, k)
+    shared = select(longattn.get_method("moba", block_size=16, top_k=1, window=0, share_kv_heads=True), q, k)
+    per_head = select(longattn.get_method("moba", block_size=16, top_k=1, window=0), q, k)
     assert shared.num_heads == 2 and per_head.num_heads == 4
 
 
@@ -170,7 +164,7 @@ def test_selection_is_deterministic(case):
     g = torch.Generator().manual_seed(2)
     q, k = torch.randn(1, 4, 150, 8, generator=g), torch.randn(1, 2, 150, 8, generator=g)
     method = longattn.get_method(case.name, **case.config)
-    first, second = _run_method(method, q, k), _run_method(longattn.get_method(case.name, **case.config), q, k)
+    first, second = select(method, q, k), select(longattn.get_method(case.name, **case.config), q, k)
     assert torch.equal(first.indices, second.indices) and torch.equal(first.counts, second.counts)
 
 
@@ -189,9 +183,8 @@ def test_retrieves_the_planted_block_through_the_right_kv_head(case, kv_head):
     q[:, group, -16:] += direction
     k[:, kv_head, 48:64] += direction
     method = longattn.get_method(case.name, **case.config)
-    sel = _run_method(method, q, k)
-    bs = method.block_size
-    tokens = sel.to_mask(-(-160 // bs)).repeat_interleave(bs, dim=-1)[..., :160]  # [B, H, Qblk, Tk]
+    sel = select(method, q, k)
+    tokens = token_mask(sel, 160)  # [B, H, Qblk, Tk]
     heads = [kv_head] if sel.num_heads == 2 else group
     for h in heads:
         assert tokens[0, h, -1, 48:64].any(), f"head {h} missed the planted keys"
@@ -226,9 +219,9 @@ def test_chunked_selection_equals_one_shot(case, monkeypatch):
     g = torch.Generator().manual_seed(4)
     q, k = torch.randn(1, 4, 150, 8, generator=g), torch.randn(1, 2, 150, 8, generator=g)
     method = longattn.get_method(case.name, **case.config)
-    whole = _run_method(method, q, k)
+    whole = select(method, q, k)
     monkeypatch.setattr(base, "_SELECT_CHUNK_ELEMENTS", 1)  # one query block per chunk
-    chunked = _run_method(method, q, k)
+    chunked = select(method, q, k)
     nkb = -(-150 // method.block_size)
     assert torch.equal(whole.to_mask(nkb), chunked.to_mask(nkb))
     assert torch.equal(whole.counts, chunked.counts)
@@ -248,7 +241,7 @@ def _planted(seed: int = 0, hq: int = 4, hkv: int = 2, t: int = 160, d: int = 16
 def test_moba_retrieves_the_block_its_queries_match():
     q, k = _planted()
     method = longattn.get_method("moba", block_size=16, top_k=1, window=0, sink_tokens=0)
-    sel = _run_method(method, q, k)
+    sel = select(method, q, k)
     last = sel.indices[0, :, -1]  # every head's last query block: [H, S]
     assert all(3 in row.tolist() for row in last), last
 
@@ -257,14 +250,14 @@ def test_shared_kv_heads_takes_the_max_over_the_group():
     q, k = _planted()
     q[:, [0, 2, 3], -16:] *= -1
     # Only query head 1 (group of KV head 0) wants block 3 now; its group partner, head 0, shuns it.
-    shared = _run_method(longattn.get_method("moba", block_size=16, top_k=1, window=0, sink_tokens=0,
+    shared = select(longattn.get_method("moba", block_size=16, top_k=1, window=0, sink_tokens=0,
                                              share_kv_heads=True), q, k)
     assert 3 in shared.indices[0, 0, -1].tolist()
 
 
 def test_sinks_are_kept_for_far_away_queries():
     q, k = _planted()
-    sel = _run_method(longattn.get_method("streaming", block_size=16, sink_tokens=20, window=16), q, k)
+    sel = select(longattn.get_method("streaming", block_size=16, sink_tokens=20, window=16), q, k)
     last = sel.to_mask(10)[0, :, -1]  # [H, Nblk]
     assert last[:, :2].all() and not last[:, 2:8].any() and last[:, 9].all()
 
