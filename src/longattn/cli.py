@@ -241,3 +241,92 @@ def report(
 
 if __name__ == "__main__":  # pragma: no cover
     app()
+
+
+heads_app = typer.Typer(no_args_is_help=True, help="Per-head instruments: retrieval heads, streaming heads, sinks.")
+app.add_typer(heads_app, name="heads")
+
+
+@heads_app.command("profile")
+def heads_profile(
+    out: Path = typer.Option(Path("profile.json"), help="Where to write the HeadProfile JSON."),
+    model: Optional[str] = typer.Option(None, help="Local checkpoint directory or .gguf file (default: embedded SmolLM2)."),
+    lengths: str = typer.Option("1k,2k,4k", help="Comma-separated prompt lengths in tokens (k = 1024)."),
+    depths: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Comma-separated needle depths in [0, 1]."),
+    seeds: int = typer.Option(1, min=1, help="Prompts per (length, depth): seeds 0..N-1."),
+    haystack: str = typer.Option("natural", help="natural or repeat."),
+    window: int = typer.Option(256, min=0, help="Local window the streaming score counts (match your duo)."),
+    sink_tokens: int = typer.Option(4, min=0, help="Initial tokens the streaming score counts as sinks."),
+    plots: Optional[Path] = typer.Option(None, help="Directory for the heat-map PNGs (default: next to --out)."),
+) -> None:
+    """Profile every head (retrieval score, streaming score, sink map) on needle prompts; save JSON + heat maps."""
+    import longattn
+    from longattn.analysis.heads import SCORES, profile_heads
+    from longattn.bench.runner import parse_lengths
+    from longattn.hf import DEFAULT_GGUF
+
+    console = Console()
+    try:
+        sizes = parse_lengths(lengths)
+        where = [float(d) for d in depths.split(",") if d.strip()]
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    with console.status("loading model"):
+        lm, tok = longattn.load_model(model)
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(), console=console,
+    )
+    try:
+        with progress:
+            profile = profile_heads(
+                lm, tok, lengths=sizes, depths=where, seeds=list(range(seeds)), haystack=haystack, window=window,
+                sink_tokens=sink_tokens, model_name=model or DEFAULT_GGUF, progress=progress,
+            )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    profile.save(out)
+    folder = plots or out.parent
+    figures = [profile.heatmap(folder / f"{out.stem}_{score}.png", score) for score in SCORES]
+    _print_profile(console, profile)
+    console.print(f"wrote {out} and {', '.join(str(f) for f in figures)}")
+
+
+@heads_app.command("show")
+def heads_show(profile: Path = typer.Argument(..., help="A HeadProfile JSON file.")) -> None:
+    """Summarise a HeadProfile: head classes, the strongest retrieval heads, the commonest hidden sinks."""
+    from longattn.analysis.heads import HeadProfile
+
+    try:
+        loaded = HeadProfile.load(profile)
+    except (ValueError, FileNotFoundError) as err:
+        raise typer.BadParameter(str(err)) from err
+    _print_profile(Console(), loaded)
+
+
+def _print_profile(console: Console, profile: Any) -> None:
+    import torch
+
+    classes = [c for row in profile.classes for c in row]
+    total = len(classes)
+    console.print(f"[bold]{profile.model.get('name')}[/]: {profile.num_layers} layers x {profile.num_heads} heads, "
+                  f"profiled on {profile.settings.get('prompts')} prompts (accuracy "
+                  f"{profile.settings.get('accuracy', float('nan')):.2f})")
+    for name in ("retrieval", "streaming", "mixed"):
+        count = classes.count(name)
+        console.print(f"  {name:9s} {count:4d} heads ({count / max(1, total):.1%})")
+    scores = profile.scores()
+    top = torch.topk(scores.flatten(), min(10, scores.numel()))
+    table = Table("layer", "head", "retrieval", "streaming", title="strongest retrieval heads")
+    stream = profile.scores("streaming").flatten()
+    for value, flat in zip(top.values.tolist(), top.indices.tolist()):
+        table.add_row(str(flat // profile.num_heads), str(flat % profile.num_heads), f"{value:.3f}",
+                      f"{float(stream[flat]):.3f}")
+    console.print(table)
+    counts: dict[str, int] = {}
+    for entry in profile.sinks:
+        for token in entry["tokens"]:
+            counts[token["text"]] = counts.get(token["text"], 0) + token["count"]
+    common = sorted(counts.items(), key=lambda kv: -kv[1])[:8]
+    if common:
+        console.print("  commonest hidden sinks: " + ", ".join(f"{t!r} x{c}" for t, c in common))

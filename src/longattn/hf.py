@@ -146,9 +146,10 @@ class Session:
         if self.index is not None:
             summaries = self.index.update(k, layer, new_tokens=tq, q=q)
         selection = self.method.select(q, summaries, ctx)
-        out, _ = block_sparse_attention(
+        out, lse = block_sparse_attention(
             q, k, v, selection, scale, causal=True, key_mask=key_mask, backend=self.backend
         )
+        out = self.method.adjust_output(out, lse, q, k, v, selection, ctx, scale)
         self._count(tq, tk, int(selection.pairs(tq, tk).sum()) * (hq // selection.num_heads), b * hq)
         if self.observer is not None:
             self.observer(layer, q, k, selection, scale, key_mask)
@@ -278,6 +279,7 @@ class apply:  # noqa: N801 - used as a context manager, reads like a function: `
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         check_model(model)
+        method.check_model(model)  # a per-head method made for another model fails here, before any forward
         self.model = model
         if observer is not None and not callable(observer):
             raise ValueError(f"observer must be callable(layer, q, k, selection, scale, key_mask), got {observer!r}")

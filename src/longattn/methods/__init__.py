@@ -25,6 +25,9 @@ _REGISTRY: dict[str, str] = {
     "routing": "Routing",
     "flexprefill": "FlexPrefill",
     "retrieval": "Retrieval",
+    "duo": "Duo",
+    "razor": "Razor",
+    "act": "ACT",
 }
 
 

@@ -72,6 +72,12 @@ class Method:
         if self.query_block_size is not None:
             check_int("query_block_size", self.query_block_size, 1, power_of_two=True)
 
+    def check_model(self, model: Any) -> None:
+        """Raise ``ValueError`` when this method cannot run on ``model`` (``apply`` calls it on entry).
+
+        Default: every supported model fits. Per-head methods check the layout their profile was made for.
+        """
+
     def summariser(self) -> "str | Callable[..., Tensor]":
         """What the session's BlockIndex keeps per key block: ``summary`` by default, or a configured callable."""
         return self.summary  # type: ignore[return-value]
@@ -105,6 +111,21 @@ class Method:
             mask = self.block_mask(q[:, :, rows], summaries, sub, qbs, prepared)
             parts.append(Selection.from_mask(mask, qbs, self.block_size))
         return Selection.concat(parts)
+
+    def adjust_output(
+        self, out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, selection: Selection, ctx: SelectionContext,
+        scale: float,
+    ) -> Tensor:
+        """Change the attention output after the shared operator ran (per-head calibration, compensation).
+
+        Args:
+            out: ``[B, Hq, Tq, D]`` attention over ``selection``; lse: ``[B, Hq, Tq]`` float32 its log-sum-exp.
+            q: ``[B, Hq, Tq, D]``; k, v: ``[B, Hkv, Tk, D]`` post-RoPE, cache included.
+
+        Returns:
+            ``[B, Hq, Tq, D]``. Default: ``out`` unchanged (selection-only methods never override this).
+        """
+        return out
 
     def prepare(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext) -> Any:
         """Work done once per step for all query chunks (a clustering, a per-head plan), handed to every

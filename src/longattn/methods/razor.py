@@ -1,0 +1,96 @@
+"""RazorAttention-style heads: ``duo``'s split plus one compensation token for what streaming heads drop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from longattn.core.selection import Selection
+from longattn.methods.base import SelectionContext
+from longattn.methods.duo import Duo
+from longattn.ops.merge import merge_attention
+
+
+@dataclass
+class Razor(Duo):
+    """Like ``duo``, and each streaming head also attends one compensation token: the mean key and mean
+    value of the keys it dropped (those between its sinks and its window).
+
+    The token enters the softmax with score ``q . mean_k * scale + log(n)`` for ``n`` dropped keys, so it
+    stands for the dropped keys as a group (``sum_i exp(q . k_i)`` is at least ``n exp(q . mean_k)`` by
+    Jensen) rather than as one more key among thousands. Retrieval heads lose nothing and get no token.
+    Paper: RazorAttention: Efficient KV Cache Compression Through Retrieval Heads, https://arxiv.org/abs/2407.15891
+    """
+
+    name: ClassVar[str] = "razor"
+    paper: ClassVar[str] = "RazorAttention: Efficient KV Cache Compression Through Retrieval Heads https://arxiv.org/abs/2407.15891"
+
+    def adjust_output(
+        self, out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, selection: Selection, ctx: SelectionContext,
+        scale: float,
+    ) -> Tensor:
+        """Merge the compensation token into every streaming head's output: ``[B, Hq, Tq, D]``."""
+        b, hq, tq, d = q.shape
+        hkv = k.shape[1]
+        streaming = ~self.head_mask(ctx.layer, hq, hkv, q.device)
+        if not bool(streaming.any()):
+            return out
+        k_mean, v_mean, count = self.compensation(k, v, tq, ctx, selection.q_block_size)  # per query block
+        qbs = selection.q_block_size
+        # Expand per query block to per query row: [B, Hkv, Tq, D].
+        k_rows = k_mean.repeat_interleave(qbs, dim=2)[:, :, :tq]
+        v_rows = v_mean.repeat_interleave(qbs, dim=2)[:, :, :tq]
+        log_n = torch.log(count.float()).repeat_interleave(qbs, dim=-1)[:, :tq]  # [B, Tq], -inf where none
+        g = hq // hkv
+        score = torch.einsum("bkgtd,bktd->bkgt", q.float().view(b, hkv, g, tq, d), k_rows).reshape(b, hq, tq)
+        lse_c = score * scale + log_n.view(b, 1, tq)
+        out_c = v_rows.repeat_interleave(g, dim=1).to(out.dtype)
+        merged, _ = merge_attention(out, lse, out_c, lse_c)
+        return torch.where(streaming.view(1, hq, 1, 1), merged, out)
+
+    def compensation(
+        self, k: Tensor, v: Tensor, q_len: int, ctx: SelectionContext, qbs: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean key and value of the keys a streaming head drops, per query block.
+
+        The dropped keys of a query block are the whole blocks after its sink blocks and before its window,
+        a contiguous run, so prefix sums over block sums give every query block's means in ``O(T D)``.
+
+        Args:
+            k, v: ``[B, Hkv, Tk, D]``.
+
+        Returns:
+            ``k_mean, v_mean [B, Hkv, Qblk, D]`` float32 and ``count [B, Qblk]`` int64 dropped valid keys.
+        """
+        b, hkv, tk, d = k.shape
+        bs = self.block_size
+        nkb = -(-tk // bs)
+        pad = nkb * bs - tk
+        valid = torch.ones(b, tk, dtype=torch.bool, device=k.device) if ctx.key_mask is None else ctx.key_mask
+        weight = torch.nn.functional.pad(valid.float(), (0, pad)).view(b, 1, nkb, bs, 1)
+
+        def prefix(x: Tensor) -> Tensor:  # [B, Hkv, Tk, D] -> [B, Hkv, Nblk + 1, D] sums of blocks < i
+            sums = (torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(b, hkv, nkb, bs, d) * weight).sum(3)
+            return torch.nn.functional.pad(sums.cumsum(2), (0, 0, 1, 0))
+
+        counts = torch.nn.functional.pad(weight.view(b, nkb, bs).sum(-1).cumsum(1), (1, 0))  # [B, Nblk + 1]
+        first, _ = self._query_span(q_len, ctx, qbs)
+        lo = torch.minimum((first - self.window).clamp(min=0) // bs, first // bs)  # first window block: [Qblk]
+        start = valid.int().argmax(dim=1)  # first valid key of each row: [B]
+        sink_end = torch.where(
+            torch.tensor(self.sink_tokens > 0, device=k.device), -(-(start + self.sink_tokens) // bs), start // bs
+        )  # [B]
+        hi = lo.view(1, -1).expand(b, -1)
+        low = torch.minimum(sink_end.view(-1, 1), hi)  # [B, Qblk]: empty run where the sinks reach the window
+
+        def run(p: Tensor) -> Tensor:  # [B, Hkv, Nblk + 1, D] -> [B, Hkv, Qblk, D]
+            at = lambda idx: p.gather(2, idx.view(b, 1, -1, 1).expand(-1, hkv, -1, d))  # noqa: E731
+            return at(hi) - at(low)
+
+        count = counts.gather(1, hi) - counts.gather(1, low)  # [B, Qblk]
+        denom = count.clamp(min=1).view(b, 1, -1, 1)
+        return run(prefix(k)) / denom, run(prefix(v)) / denom, count.round().long()
+
