@@ -14,7 +14,7 @@ def test_methods_lists_every_method_with_its_paper():
     result = runner.invoke(app, ["methods"], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     for name in ("dense", "streaming", "moba", "quest", "infllm", "longheads", "dhsa", "hip", "routing",
-                 "flexprefill", "retrieval"):
+                 "flexprefill", "retrieval", "duo", "razor", "act"):
         assert name in result.output
     assert "2502.13189" in result.output  # MoBA's arXiv id
 
@@ -83,3 +83,29 @@ def test_bench_rejects_bad_arguments():
                        (["--haystack", "web"], "--haystack"), (["--methods", "moba", "--set", "moba.top_k=-1"], "top_k")):
         result = runner.invoke(app, ["bench", *args], terminal_width=200)
         assert result.exit_code != 0 and word in result.output, (args, result.output)
+
+
+def test_heads_profile_then_show_on_a_local_checkpoint(tmp_path):
+    from longattn.analysis.heads import SCORES, HeadProfile
+
+    save_tiny_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "prof" / "p.json"
+    result = runner.invoke(app, ["heads", "profile", "--model", str(tmp_path / "ckpt"), "--lengths", "200",
+                                 "--depths", "0.3,0.7", "--out", str(out), "--window", "32"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    profile = HeadProfile.load(out)
+    assert (profile.num_layers, profile.num_heads, profile.settings["prompts"]) == (2, 4, 2)
+    assert profile.settings["window"] == 32
+    for score in SCORES:
+        assert (out.parent / f"p_{score}.png").is_file()
+    shown = runner.invoke(app, ["heads", "show", str(out)], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    assert "strongest retrieval heads" in shown.output
+
+
+def test_heads_show_rejects_a_file_that_is_not_a_profile(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    result = runner.invoke(app, ["heads", "show", str(bad)])
+    assert result.exit_code != 0
+    assert "HeadProfile" in result.output

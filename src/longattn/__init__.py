@@ -3,6 +3,7 @@
 Every head keeps the attention sinks and a local window and retrieves only the key blocks its query needs.
 """
 
+from longattn.analysis.heads import HeadProfile, profile_heads
 from longattn.core import BlockIndex, Selection
 from longattn.hf import AttentionStats, Session, apply, load_model
 from longattn.methods import Method, SelectionContext, get_method, list_methods
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionStats",
     "BlockIndex",
+    "HeadProfile",
     "Method",
     "Selection",
     "SelectionContext",
@@ -24,4 +26,5 @@ __all__ = [
     "list_methods",
     "load_model",
     "merge_attention",
+    "profile_heads",
 ]

@@ -32,7 +32,8 @@ class Duo(Method):
     profile: "HeadProfile | str | Path | None" = None
     """The model's HeadProfile, or the path of its JSON file."""
     retrieval_share: float | None = None
-    """Share of units (in (0, 1]) that retrieve: the highest-scoring ones. Exclusive with ``threshold``."""
+    """Share of units (in (0, 1]) that retrieve: the highest retrieval scores, ties (heads that never copied)
+    going to the heads with the lowest streaming score. Exclusive with ``threshold``."""
     threshold: float | None = None
     """Units whose retrieval score is >= this retrieve. Exclusive with ``retrieval_share``."""
     retrieval_heads: tuple[tuple[int, int], ...] | None = None
@@ -103,8 +104,13 @@ class Duo(Method):
             if not 0.0 < self.retrieval_share <= 1.0:  # type: ignore[operator]
                 raise ValueError(f"retrieval_share must lie in (0, 1], got {self.retrieval_share}")
             count = math.ceil(self.retrieval_share * scores.numel())  # type: ignore[operator]
-            # Ties broken by position so the same profile always picks the same heads.
-            order = torch.argsort(scores.flatten(), descending=True, stable=True)[:count]
+            # Most heads never copy (score 0): among equal retrieval scores, prefer the heads that attend
+            # farthest (lowest streaming score: least mass on sinks + window), then by position.
+            streaming = profile.scores("streaming")
+            if self.unit == "kv_head":
+                streaming = streaming.view(profile.num_layers, profile.num_kv_heads, -1).amin(-1)
+            by_reach = torch.argsort(streaming.flatten(), stable=True)
+            order = by_reach[torch.argsort(scores.flatten()[by_reach], descending=True, stable=True)][:count]
             chosen = torch.zeros(scores.numel(), dtype=torch.bool)
             chosen[order] = True
             chosen = chosen.view_as(scores)
