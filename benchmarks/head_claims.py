@@ -32,6 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import longattn
 from longattn.analysis.heads import HeadProfile
+from longattn.bench.report import interval
 from longattn.bench.runner import run_sweep
 from longattn.hf import DEFAULT_GGUF
 
@@ -91,14 +92,11 @@ def _load(path: Path) -> list[dict[str, Any]]:
 
 
 def _mean_ci(values: list[float]) -> str:
-    n = len(values)
-    if n == 0:
+    """Mean and its 95% interval (Wilson's for 0/1 scores, so 15/15 does not read as certain)."""
+    if not values:
         return "-"
-    mean = sum(values) / n
-    if n < 2:
-        return f"{mean:.2f} (n={n})"
-    half = 1.96 * statistics.stdev(values) / math.sqrt(n)
-    return f"{mean:.2f} ± {half:.2f} (n={n})"
+    mean, low, high = interval(values)
+    return f"{mean:.2f} [{low:.2f}, {high:.2f}] (n={len(values)})"
 
 
 def report(records: list[dict[str, Any]], profile: HeadProfile) -> str:
@@ -121,7 +119,7 @@ def report(records: list[dict[str, Any]], profile: HeadProfile) -> str:
         groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in rows:
             groups[r["label"]].append(r)
-        head = "| method | accuracy (95% CI) | density | prefill s | peak MiB |" + ("".join(
+        head = "| method | accuracy [95% CI] | density | prefill s | peak MiB |" + ("".join(
             f" {k} |" for k in (extra or {})))
         out = [head, "|---" * (5 + len(extra or {})) + "|"]
         for label, group in groups.items():
