@@ -12,6 +12,9 @@ harness (resumable: finished cells are skipped), then ``<out>/../heads.md``'s ta
 - duo: niah_single (repeated filler) at 4k; dense vs streaming vs duo and razor with 25% of KV heads retrieving; the
   streaming heads and `streaming` keep 4 sinks + a 256-token window. KV-cache size is what a per-head cache
   would hold (Duo.kv_cache_tokens); the measured peak memory is today's full HF cache.
+- fewer_heads: as causality, masking only the strongest 1, 2 and 4 retrieval heads.
+- duo_sweep: as duo, at 10% and 50% shares, and at 25% with moba (64-token blocks, top 8) in the retrieval
+  heads instead of full attention.
 - act: niah_multikey (repeat haystack, 3 distractor needles) at 2k, plain dense vs act (all heads, and only the profile's sink heads), per seed.
 """
 
@@ -64,6 +67,24 @@ def causality_methods(profile: HeadProfile) -> dict[str, longattn.Method]:
     return methods
 
 
+def fewer_heads_methods(profile: HeadProfile) -> dict[str, longattn.Method]:
+    """How few heads carry retrieval: mask only the strongest 1, 2 and 4."""
+    order = torch.argsort(profile.scores().flatten(), descending=True).tolist()
+    top = [(i // profile.num_heads, i % profile.num_heads) for i in order]
+    return {f"mask top-{k} retrieval": masked(profile, top[:k]) for k in (1, 2, 4)}
+
+
+def duo_sweep_methods(profile: HeadProfile) -> dict[str, longattn.Method]:
+    """duo at other shares, and at 25% with moba's top-k instead of full attention in the retrieval heads."""
+    common = dict(sink_tokens=DUO["sinks"], window=DUO["window"])
+    return {
+        "duo 10%": longattn.get_method("duo", profile=profile, retrieval_share=0.10, **common),
+        "duo 50%": longattn.get_method("duo", profile=profile, retrieval_share=0.50, **common),
+        "duo 25% + moba": longattn.get_method("duo", profile=profile, retrieval_share=DUO["share"], selector="moba",
+                                             selector_config={"block_size": 64, "top_k": 8}, **common),
+    }
+
+
 def duo_methods(profile: HeadProfile) -> dict[str, longattn.Method]:
     common = dict(sink_tokens=DUO["sinks"], window=DUO["window"])
     return {
@@ -80,6 +101,26 @@ def act_methods(profile: HeadProfile) -> dict[str, longattn.Method]:
         "act (all heads)": longattn.get_method("act", base_config={"use_sdpa": False}),
         "act (profile sink heads)": longattn.get_method("act", base_config={"use_sdpa": False}, profile=profile),
     }
+
+
+def sink_map_figure(model: object, tok: object, profile: HeadProfile, path: Path) -> Path:
+    """Far attention received per token on one 1k natural-text needle prompt, for the strongest hidden-sink
+    head, the strongest retrieval head and the most local head of the profile."""
+    from longattn.analysis.heads import HeadRecorder, answer_span, copy_hits, plot_sink_map
+    from longattn.bench.tasks import niah_single
+
+    example = niah_single.make(tok, 1024, 0.5, 0, haystack="natural")
+    at = example.meta["needle_positions"][0] + example.meta["needles"][0].index(example.answer)
+    span = answer_span(tok, example.prompt, at, at + len(example.answer))
+    ids = tok(example.prompt, return_tensors="pt").input_ids
+    recorder = HeadRecorder()
+    copy_hits(model, ids, span, recorder, 4)
+    heads = []
+    for name, pick in (("hidden_sink_mass", torch.argmax), ("retrieval", torch.argmax), ("streaming", torch.argmax)):
+        flat = int(pick(profile.scores(name).flatten()))
+        heads.append((flat // profile.num_heads, flat % profile.num_heads))
+    tokens = [tok.decode([t]) for t in ids[0].tolist()]
+    return plot_sink_map(recorder, heads, tokens, path)
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -139,6 +180,10 @@ def report(records: list[dict[str, Any]], profile: HeadProfile) -> str:
                   "", f"niah_single, natural haystack, {CAUSALITY['length']} tokens, depths {DEPTHS}, seeds "
                   f"{CAUSALITY['seeds']}.", ""]
         lines += table(by_exp["causality"]) + [""]
+    if by_exp.get("fewer_heads"):
+        lines += ["### How few heads: masking only the strongest retrieval heads", "",
+                  "Same prompts as above (dense: see the causality table).", ""]
+        lines += table(by_exp["fewer_heads"]) + [""]
     if by_exp.get("duo"):
         t = DUO["length"]
 
@@ -151,14 +196,14 @@ def report(records: list[dict[str, Any]], profile: HeadProfile) -> str:
                 tokens = longattn.get_method("duo", retrieval_heads=(), sink_tokens=DUO["sinks"],
                                              window=DUO["window"]).kv_cache_tokens(*layout)
             else:
-                tokens = duo_methods(profile)[label].kv_cache_tokens(*layout)
+                tokens = {**duo_methods(profile), **duo_sweep_methods(profile)}[label].kv_cache_tokens(*layout)
             mib = tokens * 2 * int(profile.model["head_dim"]) * 4 / 2**20  # K and V, float32
             return f"{mib:.1f} MiB ({tokens / dense:.0%})"
 
         lines += ["### duo / razor at a 25% retrieval-head share vs streaming and dense", "",
                   f"niah_single, {DUO['haystack']} haystack, {t} tokens, depths {DEPTHS}, seeds {DUO['seeds']}. KV cache = "
                   "what a per-head cache holds at this length (fp32 K+V).", ""]
-        lines += table(by_exp["duo"], {"KV cache (share of dense)": kv}) + [""]
+        lines += table(by_exp["duo"] + by_exp.get("duo_sweep", []), {"KV cache (share of dense)": kv}) + [""]
     if by_exp.get("act"):
         lines += ["### act vs plain", "", f"{ACT['task']} at {ACT['length']} tokens, depths {ACT['depths']}, "
                   f"seeds {ACT['seeds']}: per-seed mean score, and the per-seed difference to dense.", ""]
@@ -188,7 +233,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("docs/results/heads"))
     parser.add_argument("--profile", type=Path, default=Path("docs/results/heads/smollm2_profile.json"))
-    parser.add_argument("--only", default="causality,duo,act")
+    parser.add_argument("--only", default="causality,duo,act,fewer_heads,duo_sweep")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     console = Console()
@@ -206,6 +251,10 @@ def main() -> None:
             "duo": lambda: (duo_methods(profile), "niah_single", [DUO["length"]], DEPTHS, DUO["seeds"],
                             DUO["haystack"]),
             "act": lambda: (act_methods(profile), ACT["task"], [ACT["length"]], ACT["depths"], ACT["seeds"], "repeat"),
+            "fewer_heads": lambda: (fewer_heads_methods(profile), "niah_single", [CAUSALITY["length"]], DEPTHS,
+                                    CAUSALITY["seeds"], "natural"),
+            "duo_sweep": lambda: (duo_sweep_methods(profile), "niah_single", [DUO["length"]], DEPTHS, DUO["seeds"],
+                                  DUO["haystack"]),
         }
         console.print(f"torch threads {torch.get_num_threads()}; writing {results}")
         with progress:
@@ -217,6 +266,7 @@ def main() -> None:
                               out=scratch, model_id=DEFAULT_GGUF, haystacks=[haystack], recall_queries=0,
                               progress=progress)
                 _tag(scratch, results, name)
+        console.print(f"sink map: {sink_map_figure(model, tok, profile, args.out / 'sink_map.png')}")
     console.print(report(_load(results), profile))
 
 

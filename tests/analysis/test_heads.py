@@ -195,3 +195,18 @@ def test_profile_rejects_scores_of_the_wrong_shape():
 def test_heatmap_writes_a_png(tmp_path):
     path = _profile(tiny_model("llama")).heatmap(tmp_path / "r.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sink_map_plot_labels_the_planted_sink(tmp_path):
+    from longattn.analysis.heads import plot_sink_map
+
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 1, 512, 16, generator=g) * 0.1, torch.randn(1, 1, 512, 16, generator=g) * 0.1
+    k[0, 0, 137] = 0.0
+    k[0, 0, 137, 0], q[0, 0, :, 0] = 3.0, 3.0
+    recorder = HeadRecorder(window=64)
+    recorder(0, q, k, Selection.from_mask(torch.ones(1, 1, 32, 32, dtype=torch.bool), 16, 16), 1.0)
+    path = plot_sink_map(recorder, [(0, 0)], [f"t{i}" for i in range(512)], tmp_path / "s.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="layer 3"):
+        plot_sink_map(recorder, [(3, 0)], [], tmp_path / "x.png")

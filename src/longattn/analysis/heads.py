@@ -175,6 +175,40 @@ class HeadRecorder:
         self.argmax, self.streaming, self.ratios, self.mass, self._calls = [], {}, {}, {}, {}
 
 
+def plot_sink_map(recorder: HeadRecorder, heads: Sequence[tuple[int, int]], tokens: Sequence[str],
+                  path: str | Path, top: int = 5) -> Path:
+    """Plot, for each ``(layer, head)``, the far attention every prompt token receives (sink ratio: 1 =
+    uniform) on a log scale, and label its ``top`` strongest tokens with their text and position.
+
+    ``recorder`` must have seen the prompt's prefill; ``tokens`` are the prompt's token texts. Returns the path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not heads:
+        raise ValueError("heads must name at least one (layer, head)")
+    fig, axes = plt.subplots(len(heads), 1, figsize=(10, 2.2 * len(heads)), squeeze=False)
+    for ax, (layer, head) in zip(axes[:, 0], heads):
+        if layer not in recorder.ratios:
+            raise ValueError(f"the recorder saw no prefill of layer {layer}")
+        ratio = recorder.ratios[layer][head].clamp(min=1e-3)
+        ax.semilogy(ratio.numpy(), lw=0.7)
+        ax.axhline(1.0, color="grey", lw=0.5, ls="--")
+        ax.set_ylabel(f"L{layer} H{head}")
+        for pos in ratio.topk(min(top, ratio.numel())).indices.tolist():
+            text = tokens[pos] if pos < len(tokens) else "?"
+            ax.annotate(f"{text!r}@{pos}", (pos, float(ratio[pos])), fontsize=7, rotation=20)
+    axes[-1, 0].set_xlabel("prompt position (far attention received / uniform share)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _spread(count: int, num: int, device: torch.device) -> Tensor:
     """``min(num, count)`` rows evenly spread over ``[0, count)``, the last one included: ``[n]`` int64."""
     rows = (torch.arange(1, num + 1, device=device) * count) // num - 1
