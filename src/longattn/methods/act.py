@@ -31,6 +31,9 @@ class ACT(Method):
     heads whose profiled hidden-sink mass reaches ``min_sink_mass`` are calibrated; without one, every head.
     ``block_size``, ``window``, ``sink_tokens`` and ``query_block_size`` are ``base``'s (set them in
     ``base_config``). Cost: one dense score row per probe query and head, so calibration does not save work.
+    The sinks are found per step, as ACT does per input: in a one-shot prefill the probe rows span the whole
+    prompt, so an early row may be calibrated for a sink that later rows revealed (never for a key it cannot
+    attend), and a prefill split into chunks finds its sinks chunk by chunk.
     Paper: Unveiling and Harnessing Hidden Attention Sinks: Enhancing Large Language Models without Training
     through Attention Calibration, https://arxiv.org/abs/2406.15765
     """
