@@ -96,7 +96,8 @@ def test_bad_config_raises(config, match):
 
 
 @pytest.mark.parametrize(("config", "match"), [({"threshold": 1.5}, r"\[0, 1\]"), ({"retrieval_share": 0.0}, r"\(0, 1\]"),
-                                               ({}, "exactly one of threshold")])
+                                               ({}, "exactly one of threshold"),
+                                               ({"retrieval_share": "25%"}, "must be a number")])
 def test_profile_choice_needs_one_valid_rule(config, match):
     with pytest.raises(ValueError, match=match):
         longattn.get_method("duo", profile=_profile(SCORES), **config)

@@ -96,6 +96,10 @@ class Duo(Method):
         if (self.threshold is None) == (self.retrieval_share is None):
             raise ValueError("with a profile, set exactly one of threshold (a retrieval score in [0, 1]) or "
                              "retrieval_share (a share of heads in (0, 1])")
+        for name in ("threshold", "retrieval_share"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if self.threshold is not None:
             if not 0.0 <= self.threshold <= 1.0:
                 raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
