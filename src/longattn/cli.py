@@ -23,6 +23,24 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Training-free block-sparse attention for HF LLMs.")
 
 
+def _progress(console: Console) -> Progress:
+    """The progress bar of long commands: description, bar, done / total, elapsed, ETA."""
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(), console=console,
+    )
+
+
+def _grid(lengths: str, depths: str) -> tuple[list[int], list[float]]:
+    """``"2k,4k"``, ``"0.1,0.5"`` -> token lengths and depths, or a BadParameter naming the problem."""
+    from longattn.bench.runner import parse_lengths
+
+    try:
+        return parse_lengths(lengths), [float(d) for d in depths.split(",") if d.strip()]
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+
+
 def _parse_config(pairs: list[str]) -> dict[str, Any]:
     """``["top_k=8", "window=128"]`` -> ``{"top_k": 8, "window": 128}`` (values parsed as JSON when they can be)."""
     config: dict[str, Any] = {}
@@ -186,7 +204,7 @@ def bench(
 ) -> None:
     """Sweep tasks x methods x lengths x depths x seeds on one model; one JSON line per cell (resumable)."""
     import longattn
-    from longattn.bench.runner import parse_lengths, run_sweep
+    from longattn.bench.runner import run_sweep
     from longattn.bench.tasks import TASKS
     from longattn.bench.tasks.haystack import HAYSTACKS
     from longattn.hf import DEFAULT_GGUF
@@ -197,20 +215,13 @@ def bench(
     if not tasks or unknown:
         raise typer.BadParameter(f"--task: unknown {unknown or task!r}; known tasks: {', '.join(sorted(TASKS))}")
     chosen = _method_specs(methods_, set_)
-    try:
-        sizes = parse_lengths(lengths)
-        where = [float(d) for d in depths.split(",") if d.strip()]
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from err
+    sizes, where = _grid(lengths, depths)
     stacks = [h.strip() for h in haystack.split(",") if h.strip()]
     if not stacks or any(h not in HAYSTACKS for h in stacks):
         raise typer.BadParameter(f"--haystack must be repeat and/or natural, got {haystack!r}")
     with console.status("loading model"):
         lm, tok = longattn.load_model(model)
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("eta"), TimeRemainingColumn(), console=console,
-    )
+    progress = _progress(console)
     try:
         with progress:
             summary = run_sweep(
@@ -262,21 +273,13 @@ def heads_profile(
     """Profile every head (retrieval score, streaming score, sink map) on needle prompts; save JSON + heat maps."""
     import longattn
     from longattn.analysis.heads import SCORES, profile_heads
-    from longattn.bench.runner import parse_lengths
     from longattn.hf import DEFAULT_GGUF
 
     console = Console()
-    try:
-        sizes = parse_lengths(lengths)
-        where = [float(d) for d in depths.split(",") if d.strip()]
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from err
+    sizes, where = _grid(lengths, depths)
     with console.status("loading model"):
         lm, tok = longattn.load_model(model)
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("eta"), TimeRemainingColumn(), console=console,
-    )
+    progress = _progress(console)
     try:
         with progress:
             profile = profile_heads(

@@ -201,6 +201,13 @@ def plot_sink_map(recorder: HeadRecorder, heads: Sequence[tuple[int, int]], toke
             text = tokens[pos] if pos < len(tokens) else "?"
             ax.annotate(f"{text!r}@{pos}", (pos, float(ratio[pos])), fontsize=7, rotation=20)
     axes[-1, 0].set_xlabel("prompt position (far attention received / uniform share)")
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG (parent directories created) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -422,12 +429,7 @@ class HeadProfile:
                  "hidden_sink_mass": "attention mass on hidden sinks"}.get(score, score)
         ax.set_title(f"{title}\n{self.model.get('name')}", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.08)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return _save(fig, path)
 
 
 def as_profile(profile: "HeadProfile | str | Path") -> HeadProfile:
