@@ -146,9 +146,13 @@ class Session:
         if self.index is not None:
             summaries = self.index.update(k, layer, new_tokens=tq, q=q)
         selection = self.method.select(q, summaries, ctx)
-        out, lse = block_sparse_attention(
-            q, k, v, selection, scale, causal=True, key_mask=key_mask, backend=self.backend
-        )
+        fast = self.method.fast_attention(q, k, v, selection, scale, key_mask, ctx, self.backend)
+        if fast is None:
+            out, lse = block_sparse_attention(
+                q, k, v, selection, scale, causal=True, key_mask=key_mask, backend=self.backend
+            )
+        else:
+            out, lse = fast
         out = self.method.adjust_output(out, lse, q, k, v, selection, ctx, scale)
         self._count(tq, tk, int(selection.pairs(tq, tk).sum()) * (hq // selection.num_heads), b * hq)
         if self.observer is not None:

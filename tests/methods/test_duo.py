@@ -185,3 +185,36 @@ def test_share_breaks_retrieval_ties_by_lowest_streaming_score():
                           hidden_sink_mass=zeros, initial_sink_mass=zeros)
     method = longattn.get_method("duo", profile=profile, retrieval_share=0.5)
     assert method.retrieval_units() == {1: {0}, 0: {1}}
+
+
+@pytest.mark.parametrize(("tq", "padded"), [(130, False), (40, False), (1, False), (130, True)],
+                         ids=["prefill", "chunked", "decode", "padded"])
+def test_fast_path_equals_the_block_sparse_operator(tq, padded):
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 4, tq, 8, generator=g), torch.randn(2, 2, 130, 8, generator=g),
+               torch.randn(2, 2, 130, 8, generator=g))
+    key_mask = None
+    if padded:
+        key_mask = torch.ones(2, 130, dtype=torch.bool)
+        key_mask[1, :7] = False
+    method = longattn.get_method("duo", retrieval_heads=((0, 1),), block_size=16, window=16)
+    ctx = SelectionContext(kv_len=130, q_offset=130 - tq, layer=0, num_kv_heads=2, key_mask=key_mask, keys=k)
+    sel = method.select(q, None, ctx)
+    ref, ref_lse = block_sparse_attention(q, k, v, sel, 0.3, key_mask=key_mask)
+    fast, lse = method.fast_attention(q, k, v, sel, 0.3, key_mask, ctx)
+    rows = torch.ones(2, 4, tq, 1, dtype=torch.bool)
+    if padded:  # padding query rows are undefined in SDPA and zeroed by both paths; compare the valid ones
+        rows[1, :, : max(0, 7 - (130 - tq))] = False
+    torch.testing.assert_close(fast * rows, ref * rows, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lse[:, :2], ref_lse[:, :2])  # streaming heads keep the operator's lse
+    assert torch.isnan(lse[:, 2:]).all()
+
+
+def test_fast_path_is_not_taken_where_it_does_not_apply():
+    q, k, v = torch.randn(1, 4, 32, 8), torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8)
+    ctx = SelectionContext(kv_len=32, q_offset=0, layer=0, num_kv_heads=2, keys=k)
+    for method in (longattn.get_method("duo", retrieval_heads=((0, 1),), unit="query_head", block_size=16),
+                   longattn.get_method("duo", retrieval_heads=((1, 1),), block_size=16)):  # no full head in layer 0
+        assert method.fast_attention(q, k, v, method.select(q, None, ctx), 0.3, None, ctx) is None
+    method = longattn.get_method("duo", retrieval_heads=((0, 1),), block_size=16)
+    assert method.fast_attention(q, k, v, method.select(q, None, ctx), 0.3, None, ctx, backend="reference") is None

@@ -112,6 +112,19 @@ class Method:
             parts.append(Selection.from_mask(mask, qbs, self.block_size))
         return Selection.concat(parts)
 
+    def fast_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, selection: Selection, scale: float, key_mask: Tensor | None,
+        ctx: SelectionContext, backend: str = "auto",
+    ) -> tuple[Tensor, Tensor] | None:
+        """A method-specific way to compute the attention over ``selection``, or None for the shared operator.
+
+        Must equal ``block_sparse_attention(q, k, v, selection, scale, key_mask=key_mask)`` (its reference);
+        ``lse`` may be NaN on heads whose path does not produce one (the method's own ``adjust_output`` must
+        not read those). ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]`` -> ``(out [B, Hq, Tq, D], lse [B, Hq, Tq])``.
+        Default: None.
+        """
+        return None
+
     def adjust_output(
         self, out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, selection: Selection, ctx: SelectionContext,
         scale: float,

@@ -11,7 +11,10 @@ import torch
 from torch import Tensor
 
 from longattn.analysis.heads import HeadProfile, as_profile, model_identity
+from longattn.core.selection import Selection
 from longattn.methods.base import Method, SelectionContext
+from longattn.ops.block_sparse import block_sparse_attention
+from longattn.ops.dense import dense_attention
 
 UNITS = ("kv_head", "query_head")
 
@@ -180,6 +183,36 @@ class Duo(Method):
         else:
             retrieve = self._selector.block_mask(q, summaries, ctx, qbs, prepared)
         return torch.where(heads, retrieve, static).expand(b, hq, -1, -1)
+
+    def fast_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, selection: Selection, scale: float, key_mask: Tensor | None,
+        ctx: SelectionContext, backend: str = "auto",
+    ) -> tuple[Tensor, Tensor] | None:
+        """Full KV heads through fused SDPA, the streaming heads through the block-sparse operator.
+
+        The operator over every causal block costs more than SDPA, so the heads that read everything skip it.
+        Applies with ``unit="kv_head"`` and no ``selector`` (whole GQA groups are full); otherwise None.
+        ``lse`` is NaN on the SDPA heads. Reference: ``block_sparse_attention`` over ``selection``
+        (tests/methods/test_duo.py compares them). Shapes as :meth:`Method.fast_attention`.
+        """
+        full = sorted(self._chosen.get(ctx.layer, set()))
+        if self.unit != "kv_head" or self._selector is not None or not full or backend != "auto":
+            return None
+        hq, hkv = q.shape[1], k.shape[1]
+        group = hq // hkv
+        stream = [h for h in range(hkv) if h not in full]
+        rows = lambda kv: [h * group + i for h in kv for i in range(group)]  # noqa: E731
+        out = torch.empty_like(q)
+        lse = torch.full(q.shape[:3], float("nan"), dtype=torch.float32, device=q.device)
+        out[:, rows(full)] = dense_attention(q[:, rows(full)], k[:, full], v[:, full], scale, key_mask)
+        if stream:
+            heads = rows(stream) if selection.num_heads == hq else stream
+            part = Selection(selection.indices[:, heads], selection.counts[:, heads], selection.q_block_size,
+                             selection.kv_block_size)
+            out[:, rows(stream)], lse[:, rows(stream)] = block_sparse_attention(
+                q[:, rows(stream)], k[:, stream], v[:, stream], part, scale, key_mask=key_mask
+            )
+        return out, lse
 
     def kv_cache_tokens(self, kv_len: int, num_layers: int, num_heads: int, num_kv_heads: int) -> int:
         """KV entries (tokens x KV heads, summed over layers) a per-head cache needs for ``kv_len`` tokens.
