@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from longattn.analysis.recall import sample_positions
 from longattn.core.selection import Selection
 
 SCHEMA_VERSION = 1
@@ -84,19 +85,33 @@ def local_mass(probs: Tensor, positions: Tensor, sink_tokens: int, window: int) 
     return (probs * kept).sum(-1)
 
 
-def sink_ratio(probs: Tensor, positions: Tensor) -> Tensor:
-    """Mean over rows of each key's attention relative to the uniform share ``1 / (position + 1)``.
+def far_ratio_sums(probs: Tensor, positions: Tensor, min_distance: int) -> tuple[Tensor, Tensor]:
+    """The two sums behind the sink ratio, so chunks of rows can be accumulated.
+
+    Only rows farther than ``min_distance`` from a key count for it: every key near a query gets more than
+    the uniform share ``1 / (position + 1)``, which says nothing about sinks.
 
     Args:
-        probs: ``[B, H, n, Tk]`` causal attention rows; positions: ``[n]`` their absolute positions.
+        probs: ``[..., n, Tk]`` causal attention rows; positions: ``[n]`` their absolute positions.
 
     Returns:
-        ``[B, H, Tk]`` float32: 1.0 is uniform; a sink takes many times that. Keys no sampled row can see
-        get 0.
+        ``sums [..., Tk]`` (attention x (position + 1), summed over the far rows) and ``rows [Tk]`` int64
+        (how many rows are far from each key).
     """
-    visible = (torch.arange(probs.shape[-1], device=probs.device).view(1, -1) <= positions.view(-1, 1)).float()
-    weighted = probs * (positions.float() + 1).view(1, 1, -1, 1)
-    return weighted.sum(2) / visible.sum(0).clamp(min=1).view(1, 1, -1)
+    keys = torch.arange(probs.shape[-1], device=probs.device).view(1, -1)
+    far = keys < (positions - min_distance).view(-1, 1)  # [n, Tk]
+    sums = (probs * far * (positions.float() + 1).view(-1, 1)).sum(-2)
+    return sums, far.sum(0)
+
+
+def sink_ratio(probs: Tensor, positions: Tensor, min_distance: int = 0) -> Tensor:
+    """Mean over the far rows of each key's attention relative to the uniform share ``1 / (position + 1)``.
+
+    ``probs [..., n, Tk]``, ``positions [n]`` -> ``[..., Tk]`` float32: 1.0 is uniform, a sink takes many
+    times that; keys no row sees from farther than ``min_distance`` get 0.
+    """
+    sums, rows = far_ratio_sums(probs, positions, min_distance)
+    return sums / rows.clamp(min=1)
 
 
 def last_row_argmax(q: Tensor, k: Tensor, key_mask: Tensor | None = None) -> Tensor:
@@ -153,22 +168,21 @@ class HeadRecorder:
         if tq == 1:
             return
         half = tq // 2
-        rows = half + _spread(tq - half, self.sampled_queries, q.device)
+        rows = half + sample_positions(tq - half, self.sampled_queries, q.device)
         positions = tk - tq + rows
         local, weighted, mass = [], torch.zeros(q.shape[1], tk), torch.zeros(q.shape[1], tk)
+        far_rows = torch.zeros(tk, dtype=torch.long)
         step_rows = max(1, _CHUNK_ELEMENTS // (q.shape[1] * tk))
         for first in range(0, rows.numel(), step_rows):
             part, pos = rows[first : first + step_rows], positions[first : first + step_rows]
             probs = sampled_attention(q, k, scale, part, key_mask)[0]  # [Hq, n, Tk]
             local.append(local_mass(probs, pos, self.sink_tokens, self.window))
-            # Sinks are judged on far attention only: every key near a query gets more than the uniform share.
-            far = (torch.arange(tk, device=q.device).view(1, -1) < (pos - self.window).view(-1, 1)).float()
-            weighted += (probs * far * (pos.float() + 1).view(1, -1, 1)).sum(1).cpu()
+            sums, count = far_ratio_sums(probs, pos, self.window)
+            weighted += sums.cpu()
+            far_rows += count.cpu()
             mass += probs.sum(1).cpu()
-        far_rows = torch.arange(tk).view(1, -1) < (positions.cpu() - self.window).view(-1, 1)
-        seen = far_rows.sum(0).clamp(min=1)
         self.streaming[layer] = torch.cat(local, dim=1).mean(1).cpu()
-        self.ratios[layer] = weighted / seen  # what sink_ratio gives, accumulated chunk by chunk
+        self.ratios[layer] = weighted / far_rows.clamp(min=1)  # sink_ratio over every chunk's rows
         self.mass[layer] = mass / rows.numel()
 
     def reset(self) -> None:
@@ -214,12 +228,6 @@ def _save(fig: Any, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def _spread(count: int, num: int, device: torch.device) -> Tensor:
-    """``min(num, count)`` rows evenly spread over ``[0, count)``, the last one included: ``[n]`` int64."""
-    rows = (torch.arange(1, num + 1, device=device) * count) // num - 1
-    return rows.clamp(min=0).unique()
 
 
 def retrieval_hits(argmax: Sequence[dict[int, Tensor]], generated: Sequence[int], prompt_ids: Sequence[int],

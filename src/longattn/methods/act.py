@@ -9,7 +9,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
-from longattn.analysis.heads import HeadProfile, as_profile, sampled_attention
+from longattn.analysis.heads import HeadProfile, as_profile, sampled_attention, sink_ratio
 from longattn.analysis.recall import sample_positions
 from longattn.core.selection import Selection
 from longattn.methods.base import Method, SelectionContext
@@ -130,10 +130,8 @@ class ACT(Method):
         rows = sample_positions(tq, self.probe_queries, q.device)
         positions = tk - tq + rows
         probs = sampled_attention(q, k, scale, rows, ctx.key_mask)  # [B, Hq, n, Tk]
-        keys = torch.arange(tk, device=q.device)
-        far = (keys.view(1, -1) < (positions - self.min_distance).view(-1, 1)).float()  # [n, Tk]
-        ratio = (probs * far * (positions.float() + 1).view(1, 1, -1, 1)).sum(2) / far.sum(0).clamp(min=1)
-        ratio = ratio.masked_fill(keys < self.keep_initial, 0.0)  # [B, Hq, Tk]
+        ratio = sink_ratio(probs, positions, self.min_distance)  # [B, Hq, Tk]
+        ratio = ratio.masked_fill(torch.arange(tk, device=q.device) < self.keep_initial, 0.0)
         top, where = ratio.topk(min(self.max_sinks, tk), dim=-1)
         return torch.where(top >= self.threshold, where, torch.full_like(where, -1))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -155,7 +155,7 @@ class Duo(Method):
         mask[sorted(chosen)] = True
         return mask.repeat_interleave(num_heads // units) if self.unit == "kv_head" else mask
 
-    def summariser(self):  # type: ignore[no-untyped-def]
+    def summariser(self) -> "str | Callable[..., Tensor] | None":
         return self._selector.summariser() if self._selector is not None else self.summary
 
     def q_block_size(self, q_len: int) -> int:
