@@ -107,13 +107,10 @@ def act_methods(profile: HeadProfile) -> dict[str, longattn.Method]:
 def sink_map_figure(model: object, tok: object, profile: HeadProfile, path: Path) -> Path:
     """Far attention received per token on one 1k natural-text needle prompt, for the strongest hidden-sink
     head, the strongest retrieval head and the most local head of the profile."""
-    from longattn.analysis.heads import HeadRecorder, answer_span, copy_hits, plot_sink_map
+    from longattn.analysis.heads import HeadRecorder, copy_hits, encode_needle_prompt, plot_sink_map
     from longattn.bench.tasks import niah_single
 
-    example = niah_single.make(tok, 1024, 0.5, 0, haystack="natural")
-    at = example.meta["needle_positions"][0] + example.meta["needles"][0].index(example.answer)
-    span = answer_span(tok, example.prompt, at, at + len(example.answer))
-    ids = tok(example.prompt, return_tensors="pt").input_ids
+    ids, span = encode_needle_prompt(tok, niah_single.make(tok, 1024, 0.5, 0, haystack="natural"))
     recorder = HeadRecorder()
     copy_hits(model, ids, span, recorder, 4)
     heads = []

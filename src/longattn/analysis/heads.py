@@ -463,16 +463,22 @@ def model_identity(model: Any) -> dict[str, Any]:
     }
 
 
-def answer_span(tokenizer: Any, prompt: str, start: int, end: int) -> tuple[int, int]:
-    """Token span ``[first, last + 1)`` covering prompt characters ``[start, end)`` (fast tokenizers only)."""
-    enc = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=True)
-    offsets = enc.get("offset_mapping")
-    if offsets is None:
+def encode_needle_prompt(tokenizer: Any, example: Any) -> tuple[Tensor, tuple[int, int]]:
+    """Tokenize a one-needle example once: ``input_ids [1, T]`` and the answer's token span ``[start, end)``.
+
+    The answer's characters are found inside the needle (``meta["needle_positions"][0]``,
+    ``meta["needles"][0]``); the span comes from the same encoding's offsets (fast tokenizers only).
+    """
+    needle_at = example.meta["needle_positions"][0]
+    start = needle_at + example.meta["needles"][0].index(example.answer)
+    end = start + len(example.answer)
+    enc = tokenizer(example.prompt, return_offsets_mapping=True, return_tensors="pt")
+    if "offset_mapping" not in enc:
         raise ValueError("profiling needs a fast tokenizer (one that returns offset mappings)")
-    inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    inside = [i for i, (a, b) in enumerate(enc["offset_mapping"][0].tolist()) if b > a and a < end and b > start]
     if not inside:
-        raise ValueError(f"no token covers characters [{start}, {end}) of the prompt")
-    return inside[0], inside[-1] + 1
+        raise ValueError(f"no token covers the answer's characters [{start}, {end}) of the prompt")
+    return enc["input_ids"], (inside[0], inside[-1] + 1)
 
 
 def profile_heads(
@@ -525,16 +531,15 @@ def profile_heads(
     hidden, initial = torch.zeros(layers, heads), torch.zeros(layers, heads)
     sink_text: dict[tuple[int, int], Counter] = {}
     sink_info: dict[tuple[int, int, str], list[float | int]] = {}
+    texts: dict[int, str] = {}
     correct, prompts = 0, [(n, d, s) for n in lengths for d in depths for s in seeds]
     task = progress.add_task("profiling heads", total=len(prompts)) if progress is not None else None
     device = next(model.parameters()).device
     eos = getattr(tokenizer, "eos_token_id", None)
     for length, depth, seed in prompts:
         example = niah_single.make(tokenizer, length, depth, seed, haystack=haystack)
-        needle_at = example.meta["needle_positions"][0]
-        value_at = needle_at + example.meta["needles"][0].index(example.answer)
-        span = answer_span(tokenizer, example.prompt, value_at, value_at + len(example.answer))
-        ids = tokenizer(example.prompt, return_tensors="pt").input_ids.to(device)
+        ids, span = encode_needle_prompt(tokenizer, example)
+        ids = ids.to(device)
         generated, prompt_hits = copy_hits(model, ids, span, recorder, max_new_tokens, eos)
         correct += int(niah_single.score(example, tokenizer.decode(generated, skip_special_tokens=True)))
         prompt_ids = ids[0].tolist()
@@ -549,7 +554,9 @@ def profile_heads(
             for head in range(heads):
                 for pos in is_sink[head, sink_tokens:].nonzero().flatten().tolist():
                     pos += sink_tokens
-                    text = tokenizer.decode([prompt_ids[pos]])
+                    if prompt_ids[pos] not in texts:  # " the" alone is a sink thousands of times
+                        texts[prompt_ids[pos]] = tokenizer.decode([prompt_ids[pos]])
+                    text = texts[prompt_ids[pos]]
                     sink_text.setdefault((layer, head), Counter())[text] += 1
                     info = sink_info.setdefault((layer, head, text), [0.0, []])
                     info[0] = max(info[0], float(ratio[head, pos]))

@@ -129,7 +129,7 @@ class Method:
         self, out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, selection: Selection, ctx: SelectionContext,
         scale: float,
     ) -> Tensor:
-        """Change the attention output after the shared operator ran (per-head calibration, compensation).
+        """Change the attention output after the operator (or :meth:`fast_attention`) ran: calibration, compensation.
 
         Args:
             out: ``[B, Hq, Tq, D]`` attention over ``selection``; lse: ``[B, Hq, Tq]`` float32 its log-sum-exp.
