@@ -43,10 +43,12 @@ def test_generate_rejects_bad_method_options(tmp_path):
     assert "top_k" in str(result.exception) + result.output
 
 
-def test_demo_rejects_bad_lengths():
-    result = runner.invoke(app, ["demo", "--lengths", "2k"])
-    assert result.exit_code != 0
-    assert "--lengths" in result.output
+def test_demo_rejects_bad_lengths_and_policies():
+    for args, word in ((["--lengths", "2x"], "lengths"), (["--lengths", "64"], "128"),
+                       (["--positions", "rope"], "positions must be one of")):
+        result = runner.invoke(app, ["demo", *args], terminal_width=200)
+        assert result.exit_code != 0
+        assert word in result.output
 
 
 def test_bench_then_report_on_a_local_checkpoint(tmp_path):

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from longattn.core.index import BlockIndex
+from longattn.core.positions import Reposition, Rope
 from longattn.core.selection import Selection, causal_pairs
 from longattn.methods.base import Method, SelectionContext
 from longattn.ops.block_sparse import BACKENDS, block_sparse_attention
@@ -123,10 +124,26 @@ class Session:
     stats: AttentionStats = field(default_factory=AttentionStats)
     prefill_stats: AttentionStats = field(default_factory=AttentionStats)
     index: BlockIndex | None = None
+    rope: Rope | None = None
+    """The model's RoPE, needed when the method's ``positions`` policy moves keys (``apply`` reads it)."""
+    reposition: Reposition | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.method.summary is not None:
             self.index = BlockIndex(self.method.block_size, self.method.summariser())
+        policy = self.method.position_policy()
+        if policy.changes_positions:
+            if self.rope is None:
+                raise ValueError(
+                    f"positions={policy.name!r} needs the model's RoPE frequencies: run the method through "
+                    "longattn.apply(model, method), which reads them"
+                )
+            if type(self.method).adjust_output is not Method.adjust_output:
+                raise ValueError(
+                    f"method {self.method.name!r} adjusts attention outputs with keys at their real positions; "
+                    f"it cannot be combined with positions={policy.name!r} (use positions='original')"
+                )
+            self.reposition = Reposition(policy, self.rope, self.method.window)
 
     def attend(self, module: Any, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, scale: float) -> Tensor:
         """One layer's attention. ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]`` -> ``[B, Tq, Hq, D]``."""
@@ -134,9 +151,11 @@ class Session:
         hkv, tk = k.shape[1], k.shape[2]
         layer = int(getattr(module, "layer_idx", 0))
         ctx = SelectionContext(
-            kv_len=tk, q_offset=tk - tq, layer=layer, num_kv_heads=hkv, key_mask=key_mask, device=q.device, keys=k
+            kv_len=tk, q_offset=tk - tq, layer=layer, num_kv_heads=hkv, key_mask=key_mask, device=q.device, keys=k,
+            reposition=self.reposition,
         )
-        if getattr(self.method, "use_sdpa", False):  # only `dense` has it: the SDPA baseline, nothing to select
+        # Only `dense` has use_sdpa: the SDPA baseline, nothing to select. A position policy needs the operator.
+        if getattr(self.method, "use_sdpa", False) and self.reposition is None:
             out = dense_attention(q, k, v, scale, key_mask)
             self._count(tq, tk, b * hq * causal_pairs(tq, tk), b * hq)
             if self.observer is not None:  # the observer still sees dense's Selection (every causal block)
@@ -146,10 +165,13 @@ class Session:
         if self.index is not None:
             summaries = self.index.update(k, layer, new_tokens=tq, q=q)
         selection = self.method.select(q, summaries, ctx)
-        fast = self.method.fast_attention(q, k, v, selection, scale, key_mask, ctx, self.backend)
+        fast = None
+        if self.reposition is None:  # fast paths compute at real positions; the operator is the reference
+            fast = self.method.fast_attention(q, k, v, selection, scale, key_mask, ctx, self.backend)
         if fast is None:
             out, lse = block_sparse_attention(
-                q, k, v, selection, scale, causal=True, key_mask=key_mask, backend=self.backend
+                q, k, v, selection, scale, causal=True, key_mask=key_mask, backend=self.backend,
+                positions=self.reposition,
             )
         else:
             out, lse = fast
@@ -287,7 +309,10 @@ class apply:  # noqa: N801 - used as a context manager, reads like a function: `
         self.model = model
         if observer is not None and not callable(observer):
             raise ValueError(f"observer must be callable(layer, q, k, selection, scale, key_mask), got {observer!r}")
-        self.session = Session(method, backend, observer=observer)
+        # The model's RoPE is read only when the method's position policy moves keys (and fails clearly on a
+        # RoPE variant it cannot re-rotate).
+        rope = Rope.from_model(model) if method.position_policy().changes_positions else None
+        self.session = Session(method, backend, observer=observer, rope=rope)
         self._previous: str | None = None
         self._modules: list[Any] = []
 

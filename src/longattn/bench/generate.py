@@ -36,6 +36,7 @@ def greedy_generate(
     max_new_tokens: int,
     eos_token_id: int | None = None,
     past_key_values: Any = None,
+    prefill_chunk: int | None = 2048,
 ) -> GenerationResult:
     """Greedy decoding with the model's own cache; only the last position's logits are ever computed.
 
@@ -44,18 +45,28 @@ def greedy_generate(
         max_new_tokens: upper bound on generated tokens (>= 1).
         past_key_values: a cache from an earlier :class:`GenerationResult` to continue (a follow-up turn);
             the prompt is then "prefilled" on top of it.
+        prefill_chunk: prompt tokens per forward pass in prefill (None: the whole prompt at once). Segments
+            go through the same attention path with the growing cache, so activations stay at one segment's
+            size and peak memory grows only with the KV cache (linear in the prompt).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, T], got shape {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                      or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
     start = time.perf_counter()
-    # logits_to_keep=1: a 12k prompt's full logits would be 12k x vocab floats (GBs) for one needed row.
-    out = model(input_ids=input_ids, past_key_values=past_key_values, use_cache=True, logits_to_keep=1)
+    step = input_ids.shape[1] if prefill_chunk is None else prefill_chunk
+    cache = past_key_values
+    for first in range(0, input_ids.shape[1], step):
+        # logits_to_keep=1: a 12k prompt's full logits would be 12k x vocab floats (GBs) for one needed row.
+        out = model(input_ids=input_ids[:, first : first + step], past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        cache = out.past_key_values
     prefill = time.perf_counter() - start
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     generated = [token]
-    cache = out.past_key_values
     start = time.perf_counter()
     for _ in range(max_new_tokens - 1):
         if eos_token_id is not None and int(token) == eos_token_id:

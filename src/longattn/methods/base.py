@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from longattn.core.checks import check_int
+from longattn.core.positions import PositionPolicy, Reposition, position_policy
 from longattn.core.selection import Selection
 
 # Elements of a chunk's [B, H, query blocks, key blocks] masks and scores: selection runs chunk by chunk so
@@ -33,6 +34,8 @@ class SelectionContext:
         device: where the step's tensors live.
         keys: ``[B, Hkv, Tk, D]`` this layer's post-RoPE keys, cache included (a view, never a copy), for
             methods that score raw keys instead of block summaries; None where the caller has none.
+        reposition: the session's position policy when it moves keys (None otherwise); methods with
+            ``rotatable_scores`` score far blocks at its capped distance.
     """
 
     kv_len: int
@@ -42,6 +45,7 @@ class SelectionContext:
     key_mask: Tensor | None = None
     device: torch.device = torch.device("cpu")
     keys: Tensor | None = None
+    reposition: Reposition | None = None
 
 
 @dataclass
@@ -59,11 +63,20 @@ class Method:
     for scored methods, whose max-pooled selection loses the one query that needs a block when many share
     it (measured: a 2k passkey found in 1/4 prompts with 64-query blocks, 3/4 with 16). Decode always
     selects per token."""
+    positions: "str | PositionPolicy" = "original"
+    """Context extension: the RoPE distance far keys (selected blocks before the local window) are seen at:
+    "original", "longheads" (laid out contiguously before the window), "infllm" (one distance just past the
+    window), "self_extend" (grouped distances), or a policy object from ``longattn.core.positions`` (e.g.
+    ``SelfExtend(group_size=16)``). The local window always keeps exact distances."""
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     summary: ClassVar[str | None] = None
     """Block summary the method scores against ("mean", "minmax"), or None for static patterns."""
+    rotatable_scores: ClassVar[bool] = False
+    """True where selection reads only ``q`` and summaries that are (means of) RoPE-rotated keys, so a position
+    policy may score far blocks at a capped distance (``PositionPolicy.score_cap``). Min/max bounds (Quest)
+    and raw-key methods are not rotatable."""
 
     def __post_init__(self) -> None:
         check_int("block_size", self.block_size, 1, power_of_two=True)
@@ -71,6 +84,11 @@ class Method:
         check_int("window", self.window, 0)
         if self.query_block_size is not None:
             check_int("query_block_size", self.query_block_size, 1, power_of_two=True)
+        position_policy(self.positions)  # a bad name fails here, at construction
+
+    def position_policy(self) -> PositionPolicy:
+        """The :class:`~longattn.core.positions.PositionPolicy` that ``positions`` names."""
+        return position_policy(self.positions)
 
     def check_model(self, model: Any) -> None:
         """Raise ``ValueError`` when this method cannot run on ``model`` (``apply`` calls it on entry).
@@ -267,17 +285,20 @@ class TopKMethod(Method):
         The default pools :meth:`score` over each query block's queries; methods whose score is not per query
         token (hierarchical, clustered, adaptive) override this instead.
         """
-        return self.pooled_scores(q, self.checked_summaries(summaries, q.shape[0], ctx), qbs)
+        return self.pooled_scores(q, self.checked_summaries(summaries, q.shape[0], ctx), qbs, ctx)
 
-    def pooled_scores(self, q: Tensor, summaries: Tensor, qbs: int) -> Tensor:
+    def pooled_scores(self, q: Tensor, summaries: Tensor, qbs: int, ctx: SelectionContext | None = None) -> Tensor:
         """Max over each query block's queries of the per-query scores: ``[B, Hq, Qblk, Nblk]`` float32.
 
         The max keeps a block that any single query of the block needs, the closest a shared selection gets
-        to per-token retrieval.
+        to per-token retrieval. Under a position policy (``ctx.reposition``) far blocks of a method with
+        ``rotatable_scores`` are scored at the policy's capped distance.
         """
         b, hq, tq, _ = q.shape
         nqb = -(-tq // qbs)
         scores = self.score(q, summaries)  # [B, Hq, Tq, Nblk]
+        if ctx is not None and ctx.reposition is not None and self.rotatable_scores:
+            scores = ctx.reposition.capped_scores(self.score, q, summaries, scores, ctx.q_offset, self.block_size)
         # Padding rows of the last block take -inf so they never win the max.
         scores = torch.nn.functional.pad(scores, (0, 0, 0, nqb * qbs - tq), value=float("-inf"))
         return scores.view(b, hq, nqb, qbs, -1).amax(dim=3)

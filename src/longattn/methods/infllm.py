@@ -62,6 +62,7 @@ class InfLLM(TopKMethod):
         "https://arxiv.org/abs/2402.04617"
     )
     summary: ClassVar[str | None] = "representatives"
+    rotatable_scores: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -34,6 +34,7 @@ class LongHeads(TopKMethod):
         "LongHeads: Multi-Head Attention is Secretly a Long Context Processor https://arxiv.org/abs/2402.10685"
     )
     summary: ClassVar[str | None] = "attention_pooled"
+    rotatable_scores: ClassVar[bool] = True
 
     def score(self, q: Tensor, summaries: Tensor) -> Tensor:
         """``q [B, Hq, Tq, D]``, summaries ``[B, Hkv, Nblk, 1, D]`` -> ``[B, Hq, Tq, Nblk]``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from longattn.core.positions import Reposition
 from longattn.core.selection import Selection
 from longattn.ops.block_sparse.cpu import block_sparse_attention_cpu, cpu_kernel_available
 from longattn.ops.block_sparse.reference import block_sparse_attention_reference
@@ -37,6 +38,7 @@ def block_sparse_attention(
     key_mask: Tensor | None = None,
     q_offset: int | None = None,
     backend: str = "auto",
+    positions: Reposition | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of each query block over its selected key blocks.
 
@@ -45,12 +47,19 @@ def block_sparse_attention(
         backend: one of ``BACKENDS``: "reference" (plain PyTorch), "cpu" (the same gather with PyTorch's
             fused CPU attention kernel per chunk, a cross-check), or "auto" (today: reference, the fastest
             measured on CPU; GPU kernels are a later backend).
+        positions: a bound position policy (context extension), see the reference; runs on "reference".
 
     Returns:
         ``out [B, Hq, Tq, D]`` and ``lse [B, Hq, Tq]`` float32. See
         :func:`~longattn.ops.block_sparse.reference.block_sparse_attention_reference` for the full contract.
     """
     chosen = resolve_backend(backend, q.device.type)
+    if positions is not None:
+        if chosen != "reference":
+            raise ValueError(f"positions= runs on backend 'reference' or 'auto', not {backend!r}")
+        return block_sparse_attention_reference(
+            q, k, v, selection, scale, causal=causal, key_mask=key_mask, q_offset=q_offset, positions=positions
+        )
     fn = block_sparse_attention_cpu if chosen == "cpu" else block_sparse_attention_reference
     return fn(q, k, v, selection, scale, causal=causal, key_mask=key_mask, q_offset=q_offset)
 

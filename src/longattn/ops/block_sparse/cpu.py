@@ -19,8 +19,15 @@ def cpu_kernel_available() -> bool:
     return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
-def attend_fused(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, row_pos: Tensor) -> tuple[Tensor, Tensor]:
-    """Same contract as :func:`~longattn.ops.block_sparse.reference.attend_plain`, fused."""
+def attend_fused(
+    q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, row_pos: Tensor, q_far: Tensor | None = None,
+    far: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Same contract as :func:`~longattn.ops.block_sparse.reference.attend_plain`, fused (one query per row:
+    ``q_far`` must be None)."""
+    if q_far is not None:
+        raise ValueError("the fused CPU kernel takes one query per row; position policies that move queries "
+                         "(self_extend) run on backend='reference'")
     *lead, rows, d = q.shape
     keys = k.shape[-2]
     n = q[..., 0, 0].numel()

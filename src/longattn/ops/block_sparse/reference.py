@@ -13,15 +13,18 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from longattn.core.positions import Reposition
 from longattn.core.selection import Selection
 
 # Elements of the per-chunk score tensor: 8 MiB of float32 keeps a chunk's working set near the caches
 # (measured best on a 2-core CPU between 2^18 and 2^23) while amortising Python overhead.
 _CHUNK_ELEMENTS = 1 << 21
 
-# attend(q [..., rows, D] scaled fp32, k, v [..., keys, D], key_pos [..., 1, keys], row_pos [..., rows, 1])
-#   -> (out [..., rows, D] fp32, lse [..., rows]); key j is visible to row r iff key_pos[j] <= row_pos[r].
-Attend = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+# attend(q [..., rows, D] scaled fp32, k, v [..., keys, D], key_pos [..., 1, keys], row_pos [..., rows, 1],
+#        q_far [..., rows, D] | None, far [..., 1, keys] | None)
+#   -> (out [..., rows, D] fp32, lse [..., rows]); key j is visible to row r iff key_pos[j] <= row_pos[r];
+#   where given, keys marked far are scored against q_far (the queries a position policy moved).
+Attend = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, "Tensor | None", "Tensor | None"], tuple[Tensor, Tensor]]
 
 
 def check_inputs(
@@ -65,6 +68,7 @@ def block_sparse_attention_reference(
     causal: bool = True,
     key_mask: Tensor | None = None,
     q_offset: int | None = None,
+    positions: Reposition | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of each query block over its selected key blocks.
 
@@ -77,12 +81,15 @@ def block_sparse_attention_reference(
         causal: mask keys after each query's position (inside blocks that cross the diagonal).
         key_mask: ``[B, Tk]`` bool, False for keys no query may attend (padding).
         q_offset: absolute position of query row 0; default ``Tk - Tq`` (queries are the newest keys).
+        positions: a position policy bound to the model's RoPE (context extension): keys of selected blocks
+            before each query block's local window are re-rotated to the distance the policy gives them
+            (``q``/``k`` must then be post-RoPE); None keeps every real position.
 
     Returns:
         ``out [B, Hq, Tq, D]`` in q's dtype and ``lse [B, Hq, Tq]`` float32 (natural log). A row with no
         attendable key gets ``out = 0`` and ``lse = -inf`` so that merging stays exact.
     """
-    return gathered_attention(q, k, v, selection, scale, causal, key_mask, q_offset, attend_plain)
+    return gathered_attention(q, k, v, selection, scale, causal, key_mask, q_offset, attend_plain, positions)
 
 
 def gathered_attention(
@@ -95,11 +102,14 @@ def gathered_attention(
     key_mask: Tensor | None,
     q_offset: int | None,
     attend: Attend,
+    positions: Reposition | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chunked gather of the selected key blocks, handing each chunk to ``attend``. Shapes as in
     :func:`block_sparse_attention_reference`; only the selected keys are ever copied (never the whole cache).
     """
     offset = check_inputs(q, k, v, selection, key_mask, q_offset)
+    if positions is not None and not causal:
+        raise ValueError("positions= re-encodes distances to earlier keys and needs causal=True")
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     hs = selection.num_heads
@@ -176,9 +186,17 @@ def gathered_attention(
                 vg = vwin.index_select(0, flat).view(b, hs, c, width * bs, d)
             if valid_rows is not None:
                 ok &= valid_rows.index_select(0, (bi * tk + pos).flatten()).view(pos.shape)
+            qc, q_far, far = qr[:, :, start:stop], None, None
+            if positions is not None:
+                key_delta, far_keys, query_delta = positions.plan(idx, pos, row_pos[start:stop], bs, ok)
+                # A policy's shift may be one per block ([..., W, 1]): rotating [..., W, bs, D] broadcasts it.
+                kg = positions.rotate(kg.view(b, hs, c, width, bs, d), key_delta).view(b, hs, c, width * bs, d)
+                if query_delta is not None:  # the policy moves the queries too, for the far keys only
+                    q_far = positions.rotate(qc, query_delta.view(1, 1, c, rows))
+                    far = far_keys.expand(b, hs, c, width, bs).reshape(b, hs, c, 1, width * bs)
             # Invalid keys get a position after every query, so one comparison applies causality and validity.
             key_pos = torch.where(ok, pos, beyond).view(b, hs, c, 1, width * bs)
-            o, l = attend(qr[:, :, start:stop], kg, vg, key_pos, row_pos[start:stop].view(1, 1, c, rows, 1))
+            o, l = attend(qc, kg, vg, key_pos, row_pos[start:stop].view(1, 1, c, rows, 1), q_far, far)
             out[:, :, start:stop] = o.to(out.dtype)
             lse[:, :, start:stop] = l
         start = stop
@@ -188,17 +206,25 @@ def gathered_attention(
     return out[:, :, :tq], lse[:, :, :tq]
 
 
-def attend_plain(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, row_pos: Tensor) -> tuple[Tensor, Tensor]:
+def attend_plain(
+    q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, row_pos: Tensor, q_far: Tensor | None = None,
+    far: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Masked softmax attention of gathered keys, step by step in float32.
 
     Args:
         q: ``[..., rows, D]`` float32, already scaled; k, v: ``[..., keys, D]``.
         key_pos: ``[..., 1, keys]`` key positions (invalid keys beyond every row); row_pos: ``[..., rows, 1]``.
+        q_far: ``[..., rows, D]`` the queries for the keys marked in ``far`` ``[..., 1, keys]`` bool (a position
+            policy that moves queries); None: ``q`` for every key.
 
     Returns:
         ``out [..., rows, D]`` float32 and ``lse [..., rows]``; rows without a key give 0 and ``-inf``.
     """
-    scores = torch.matmul(q, k.float().transpose(-1, -2))
+    kt = k.float().transpose(-1, -2)
+    scores = torch.matmul(q, kt)
+    if q_far is not None and far is not None:
+        scores = torch.where(far, torch.matmul(q_far, kt), scores)
     scores.masked_fill_(key_pos > row_pos, float("-inf"))
     m = scores.amax(dim=-1, keepdim=True)
     # Shifting empty rows by 0 keeps them at exp(-inf) = 0 instead of NaN.

@@ -1,0 +1,338 @@
+"""Position policies for context extension: the RoPE distance at which each attended key is seen.
+
+Past its trained window a model meets RoPE distances it never saw, and attention breaks even when the right
+blocks are selected. A position policy re-encodes the distance of every *far* key (a selected block before
+the query block's local window; sinks included) so that each head only sees distances it was trained on;
+keys of the local window keep their exact distances. RoPE composes additively: rotating a post-RoPE vector
+by ``delta * inv_freq`` gives the vector RoPE would have produced at ``position + delta``. The policies
+therefore work on the cached post-RoPE keys and queries, with the model's own inverse frequencies, without
+touching the model's code or its cache.
+
+Policies (``Method.positions``):
+
+- ``original``: no change.
+- ``longheads`` (LongHeads, https://arxiv.org/abs/2402.10685): the far blocks a query block selected are laid
+  out contiguously, in their original order, right before its local window; distances never exceed the
+  attended budget.
+- ``infllm`` (InfLLM, https://arxiv.org/abs/2402.04617): every far token is seen at one position, just before
+  the local window.
+- ``self_extend`` (Self-Extend, https://arxiv.org/abs/2401.01325): far distances are grouped, ``d' = q // G -
+  k // G + W - W // G`` with ``W`` the local window and ``G`` the group size; the window keeps exact distances.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+from longattn.core.checks import check_int
+
+POLICIES = ("original", "longheads", "infllm", "self_extend")
+# RoPE variants whose encoding is a pure rotation by position x inv_freq (any static frequency rescaling is
+# already in the model's inv_freq). "dynamic" changes inv_freq with the sequence length and "longrope" keeps
+# two sets of frequencies, so a re-rotation with one inv_freq would be wrong for them.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def rotate(x: Tensor, delta: Tensor, inv_freq: Tensor) -> Tensor:
+    """Move RoPE-encoded vectors by ``delta`` positions (Hugging Face's rotate-half layout).
+
+    Args:
+        x: ``[..., n, D]`` post-RoPE queries or keys.
+        delta: ``[..., n]`` integer position shifts (broadcastable to ``x.shape[:-1]``); 0 leaves a row as is.
+        inv_freq: ``[D / 2]`` the model's RoPE inverse frequencies.
+
+    Returns:
+        ``[..., n, D]`` in ``x``'s dtype: ``x`` as RoPE would have encoded it at ``position + delta``.
+    """
+    d = x.shape[-1]
+    if inv_freq.dim() != 1 or 2 * inv_freq.shape[0] != d:
+        raise ValueError(f"inv_freq must be [D/2 = {d // 2}] for head dim {d}, got {tuple(inv_freq.shape)}")
+    # The angle in float64 and reduced mod 2*pi: at 32k positions a float32 product is off by ~1e-3 rad.
+    angle = torch.remainder(delta.to(torch.float64).unsqueeze(-1) * inv_freq.to(torch.float64), 2 * math.pi)
+    cos, sin = angle.float().cos(), angle.float().sin()
+    xf = x.float()
+    x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class Rope:
+    """What a policy needs to know about the model's position encoding.
+
+    Attributes:
+        inv_freq: ``[D / 2]`` float32 inverse frequencies, read from the model (rescaled ones included).
+        trained_window: the longest distance the model was trained on (``max_position_embeddings``).
+    """
+
+    inv_freq: Tensor
+    trained_window: int
+
+    @classmethod
+    def from_model(cls, model: Any) -> "Rope":
+        """Read the rotary embedding of a Llama-family model; unsupported RoPE variants raise ``ValueError``."""
+        config = getattr(model, "config", None)
+        rotary = [m for m in model.modules() if hasattr(m, "inv_freq") and hasattr(m, "rope_type")]
+        if not rotary:
+            raise ValueError(
+                f"{type(model).__name__} has no rotary embedding module (with inv_freq and rope_type); position "
+                "policies need a RoPE model (Llama, Mistral, Qwen2, Qwen3, SmolLM)"
+            )
+        module = rotary[0]
+        if module.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"RoPE type {module.rope_type!r} is not supported by position policies; supported: "
+                f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        partial = getattr(config, "partial_rotary_factor", 1.0)
+        if partial not in (None, 1.0):
+            raise ValueError(f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported")
+        window = getattr(config, "max_position_embeddings", None)
+        check_int("max_position_embeddings", window, 1)
+        return cls(module.inv_freq.detach().float().clone(), int(window))
+
+
+@dataclass(frozen=True)
+class PositionPolicy:
+    """Base of the policies: how far keys are re-positioned. Subclasses implement :meth:`far_deltas`."""
+
+    score_cap: int | None = field(default=None, kw_only=True)
+    """Selection scores of blocks farther than this many tokens are computed as if the block sat exactly this
+    far (query and block summary rotated to that distance): at distances the model never saw, RoPE turns a
+    query-block score into noise and the needle is not retrieved. None: half the trained window. Applies to
+    methods that score rotatable summaries (moba, longheads, infllm); nearer blocks keep their real scores."""
+
+    name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if self.score_cap is not None:
+            check_int("score_cap", self.score_cap, 1)
+
+    @property
+    def changes_positions(self) -> bool:
+        return True
+
+    def far_deltas(
+        self, idx: Tensor, pos: Tensor, far: Tensor, lo: Tensor, rows: Tensor, window: int, bs: int
+    ) -> tuple[Tensor, Tensor | None]:
+        """Position shifts of the far keys (and of the queries reading them, where the policy moves those too).
+
+        Args:
+            idx: ``[B, H, C, W]`` int64 selected key-block ids (-1 padding); pos: ``[B, H, C, W, bs]`` int64
+                token positions; far: ``[B, H, C, W]`` bool blocks before the local window.
+            lo: ``[C]`` int64 first key block of each query block's local window.
+            rows: ``[C, R]`` int64 position of each query row.
+
+        Returns:
+            ``key_delta [B, H, C, W, bs]`` (or ``[B, H, C, W, 1]``, one per block) int64, ignored on near keys,
+            and ``query_delta [C, R]`` int64 applied to the queries for far keys only, or None.
+        """
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Original(PositionPolicy):
+    """No change: every key keeps its real position (what the model does without longattn)."""
+
+    name: ClassVar[str] = "original"
+
+    @property
+    def changes_positions(self) -> bool:
+        return False
+
+    def far_deltas(
+        self, idx: Tensor, pos: Tensor, far: Tensor, lo: Tensor, rows: Tensor, window: int, bs: int
+    ) -> tuple[Tensor, Tensor | None]:
+        return torch.zeros_like(pos), None
+
+
+@dataclass(frozen=True)
+class LongHeadsLayout(PositionPolicy):
+    """LongHeads: far blocks contiguous, in order, ending where the local window starts."""
+
+    name: ClassVar[str] = "longheads"
+
+    def far_deltas(
+        self, idx: Tensor, pos: Tensor, far: Tensor, lo: Tensor, rows: Tensor, window: int, bs: int
+    ) -> tuple[Tensor, Tensor | None]:
+        count = far.sum(dim=-1, keepdim=True)  # [B, H, C, 1]
+        rank = far.cumsum(dim=-1) - 1  # order among the far blocks (indices are ascending)
+        start = lo.view(1, 1, -1, 1) * bs - (count - rank) * bs  # where block rank r now starts
+        return (start - idx * bs).unsqueeze(-1), None  # one shift per block: [B, H, C, W, 1]
+
+
+@dataclass(frozen=True)
+class InfLLMLayout(PositionPolicy):
+    """InfLLM: every far token at the position just before the local window."""
+
+    name: ClassVar[str] = "infllm"
+
+    def far_deltas(
+        self, idx: Tensor, pos: Tensor, far: Tensor, lo: Tensor, rows: Tensor, window: int, bs: int
+    ) -> tuple[Tensor, Tensor | None]:
+        return lo.view(1, 1, -1, 1, 1) * bs - 1 - pos, None
+
+
+@dataclass(frozen=True)
+class SelfExtend(PositionPolicy):
+    """Self-Extend: far distances grouped by ``group_size`` and shifted to continue the window's distances.
+
+    Attributes:
+        group_size: ``G``; covers contexts up to ``G * (trained window - local window)`` tokens.
+    """
+
+    group_size: int = 8
+    name: ClassVar[str] = "self_extend"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("group_size", self.group_size, 1)
+
+    def far_deltas(
+        self, idx: Tensor, pos: Tensor, far: Tensor, lo: Tensor, rows: Tensor, window: int, bs: int
+    ) -> tuple[Tensor, Tensor | None]:
+        g = self.group_size
+        # Key at p_k // G, query at p_q // G + W - W // G: d' = p_q // G - p_k // G + W - W // G.
+        return pos // g - pos, rows // g + (window - window // g) - rows
+
+
+_BY_NAME: dict[str, type[PositionPolicy]] = {
+    cls.name: cls for cls in (Original, LongHeadsLayout, InfLLMLayout, SelfExtend)
+}
+
+
+def position_policy(spec: "str | PositionPolicy") -> PositionPolicy:
+    """The policy ``spec`` names (one of ``POLICIES``, default settings), or ``spec`` itself if it is one."""
+    if isinstance(spec, PositionPolicy):
+        return spec
+    if isinstance(spec, str) and spec in _BY_NAME:
+        return _BY_NAME[spec]()
+    raise ValueError(
+        f"positions must be one of {POLICIES} or a longattn.core.positions.PositionPolicy, got {spec!r}"
+    )
+
+
+@dataclass(frozen=True)
+class Reposition:
+    """A policy bound to a model's RoPE and a method's local window: what the operator applies.
+
+    Attributes:
+        policy: the position policy.
+        rope: the model's inverse frequencies and trained window.
+        window: tokens before each query block whose keys keep exact distances (the method's ``window``).
+    """
+
+    policy: PositionPolicy
+    rope: Rope
+    window: int
+    # cos / sin of every integer shift in [-reach, reach]: [2 * reach + 1, D / 2] each. Shifts are integers, so
+    # a table lookup replaces a sine and a cosine per element (measured: the trigonometry cost as much as the
+    # attention itself at 16k tokens).
+    _table: dict[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    def rotate(self, x: Tensor, delta: Tensor) -> Tensor:
+        """Same contract as :func:`rotate` with this model's ``inv_freq``, from a cached table of integer shifts.
+
+        ``x [..., n, D]``, ``delta [..., n]`` integer (broadcastable) -> ``[..., n, D]`` in ``x``'s dtype.
+        """
+        reach = int(delta.abs().max()) if delta.numel() else 0
+        cos, sin = self._trig(reach, x.device)
+        at = delta.long() + (cos.shape[0] // 2)
+        c, s = cos[at], sin[at]  # [..., n, D / 2], often one row per block: small
+        h = x.shape[-1] // 2
+        xf = x.float()
+        x1, x2 = xf[..., :h], xf[..., h:]
+        # Written into the two halves of one output (no concatenation copy); c and s broadcast at their own,
+        # often per-block, shape.
+        out = torch.empty(torch.broadcast_shapes(xf.shape, (*c.shape[:-1], 2 * h)), device=x.device)
+        torch.mul(x1, c, out=out[..., :h]).addcmul_(x2, s, value=-1.0)
+        torch.mul(x2, c, out=out[..., h:]).addcmul_(x1, s)
+        return out.to(x.dtype)
+
+    def _trig(self, reach: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        table = self._table
+        if "cos" not in table or table["cos"].shape[0] // 2 < reach or table["cos"].device != device:
+            size = max(reach, 2 * (table["cos"].shape[0] // 2) if "cos" in table else 4096)
+            shifts = torch.arange(-size, size + 1, dtype=torch.float64)
+            angle = torch.remainder(shifts.unsqueeze(-1) * self.rope.inv_freq.to(torch.float64), 2 * math.pi)
+            table["cos"], table["sin"] = angle.cos().float().to(device), angle.sin().float().to(device)
+        return table["cos"], table["sin"]
+
+    @property
+    def score_cap(self) -> int:
+        """The distance far blocks are scored at (the policy's ``score_cap``, default half the trained window)."""
+        return self.policy.score_cap or self.rope.trained_window // 2
+
+    def capped_scores(
+        self, score: Callable[[Tensor, Tensor], Tensor], q: Tensor, summaries: Tensor, scores: Tensor, q_offset: int,
+        block_size: int,
+    ) -> Tensor:
+        """Replace the scores of blocks farther than :attr:`score_cap` by their scores at that distance.
+
+        Args:
+            score: the method's ``score(q, summaries) -> [B, Hq, Tq, Nblk]``.
+            q: ``[B, Hq, Tq, D]`` post-RoPE queries at positions ``q_offset + t``.
+            summaries: ``[B, Hkv, Nblk, R, D]`` summaries of post-RoPE keys (means, pooled keys, representatives).
+            scores: ``[B, Hq, Tq, Nblk]`` ``score(q, summaries)`` at real positions.
+
+        Returns:
+            ``[B, Hq, Tq, Nblk]``: real scores for blocks within the cap, capped-distance scores beyond it.
+        """
+        tq, nblk = q.shape[2], summaries.shape[2]
+        cap = self.score_cap
+        at = q_offset + torch.arange(tq, device=q.device)
+        centre = torch.arange(nblk, device=q.device) * block_size + block_size // 2
+        far = (at.view(-1, 1) - centre.view(1, -1)) > cap  # [Tq, Nblk]
+        if not bool(far.any()):
+            return scores
+        # Query to position `cap`, each summary from its block's centre to 0: every pair at distance `cap`.
+        moved_q = self.rotate(q, (cap - at).view(1, 1, tq))
+        moved_s = self.rotate(summaries, (-centre).view(1, 1, nblk, 1).expand(1, 1, nblk, summaries.shape[3]))
+        return torch.where(far, score(moved_q, moved_s), scores)
+
+    def plan(
+        self, idx: Tensor, pos: Tensor, rows: Tensor, bs: int, valid: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Shifts for one chunk of query blocks.
+
+        Args:
+            idx: ``[B, H, C, W]`` int64 selected key blocks (-1 padding); pos: ``[B, H, C, W, bs]`` int64 token
+                positions; rows: ``[C, R]`` int64 query-row positions (row 0 of a block is its first query);
+                valid: ``[B, H, C, W, bs]`` bool keys that are attended at all.
+
+        Returns:
+            ``key_delta [B, H, C, W, bs or 1]`` int64 (0 on near keys), ``far [B, H, C, W, 1]`` bool, and
+            ``query_delta [C, R]`` int64 for the far keys, or None. Raises ``ValueError`` when a far key would
+            be seen farther than the trained window.
+        """
+        first = rows[:, 0]
+        # The local window of a query block, as Method.static_mask builds it.
+        lo = torch.minimum((first - self.window).clamp(min=0) // bs, first // bs)  # [C]
+        far_blocks = (idx >= 0) & (idx < lo.view(1, 1, -1, 1))
+        key_delta, query_delta = self.policy.far_deltas(idx, pos, far_blocks, lo, rows, self.window, bs)
+        far = far_blocks.unsqueeze(-1)  # [B, H, C, W, 1]
+        key_delta = torch.where(far, key_delta, 0)
+        seen = far & valid
+        if bool(seen.any()):
+            q_last = rows if query_delta is None else rows + query_delta
+            k_first = torch.where(seen, pos + key_delta, torch.iinfo(torch.int64).max).amin(dim=(0, 1, 3, 4))
+            farthest = int((q_last.amax(dim=1) - k_first).max())
+            if farthest >= self.rope.trained_window:
+                raise ValueError(self._too_far(farthest, int(rows.max()) + 1))
+        return key_delta, far, query_delta
+
+    def _too_far(self, farthest: int, length: int) -> str:
+        p = self.policy
+        if isinstance(p, SelfExtend):
+            need = -(-length // max(1, self.rope.trained_window - self.window - 1))
+            fix = f"raise SelfExtend(group_size=...) to at least {need}"
+        else:
+            fix = "lower the method's budget (top_k, window, sink_tokens) below the trained window"
+        return (
+            f"positions={p.name!r} would show keys at distance {farthest}, beyond the model's trained window of "
+            f"{self.rope.trained_window} at {length} tokens; {fix}"
+        )
