@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import longattn
 from longattn.bench.report import write_report
 from longattn.bench.runner import parse_lengths, run_sweep
-from longattn.core.positions import POLICIES
+from longattn.core.positions import POLICIES, SelfExtend
 from longattn.hf import DEFAULT_GGUF
 
 # passkey has only repeated filler; niah_single reads natural English (pydoc_data prose), the harder haystack.
@@ -41,6 +41,12 @@ def configs() -> dict[str, longattn.Method]:
     for name in SELECTORS:
         for policy in POLICIES:
             out[f"{name}/{policy}"] = longattn.get_method(name, positions=policy)
+    # Self-Extend itself: every key, a 1,024-token neighbour window at exact distances, the rest grouped by 4
+    # (covers 4 x (8,192 - 1,024) = 28k tokens).
+    out["dense/self_extend"] = longattn.get_method("dense", window=1024, positions=SelfExtend(group_size=4))
+    # The best sparse setting we tried at 16k (still wrong there): moba with a wide budget under Self-Extend.
+    out["moba/self_extend_wide"] = longattn.get_method("moba", window=1024, top_k=128,
+                                                       positions=SelfExtend(group_size=4))
     return out
 
 

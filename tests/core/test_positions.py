@@ -182,8 +182,9 @@ def test_longheads_distances_never_exceed_the_attended_budget():
     rows = (torch.arange(idx.shape[2]) * qbs).unsqueeze(1) + torch.arange(qbs)
     valid = (idx >= 0).unsqueeze(-1) & (pos <= rows[:, -1].view(1, 1, -1, 1, 1))
     plan = Reposition(LongHeadsLayout(), Rope(INV_FREQ, 512), window)
-    key_delta, far, _ = plan.plan(idx, pos, rows, bs, valid)
-    distance = rows.view(1, 1, -1, qbs, 1, 1) - (pos + key_delta).unsqueeze(3)
+    far, block, query = plan.plan(idx, pos, rows, bs, valid)
+    assert query is None
+    distance = rows.view(1, 1, -1, qbs, 1, 1) - (pos + block).unsqueeze(3)
     seen = valid.unsqueeze(3) & (distance >= 0)
     assert int(distance[seen].max()) < 512
     assert bool(far.any()) and nkb * bs > 512  # far keys were moved, at a length 8x the window

@@ -98,7 +98,8 @@ class Rope:
 
 @dataclass(frozen=True)
 class PositionPolicy:
-    """Base of the policies: how far keys are re-positioned. Subclasses implement :meth:`far_deltas`."""
+    """Base of the policies: how far keys are re-positioned (:meth:`token_shift`, :meth:`block_shift`,
+    :meth:`query_shift`)."""
 
     score_cap: int | None = field(default=None, kw_only=True)
     """Selection scores of blocks farther than this many tokens are computed as if the block sat exactly this
@@ -116,22 +117,22 @@ class PositionPolicy:
     def changes_positions(self) -> bool:
         return True
 
-    def far_deltas(
-        self, idx: Tensor, pos: Tensor, far: Tensor, lo: Tensor, rows: Tensor, window: int, bs: int
-    ) -> tuple[Tensor, Tensor | None]:
-        """Position shifts of the far keys (and of the queries reading them, where the policy moves those too).
+    # A far key at position p of block n, read by a query row at position r of a query block whose window
+    # starts at block lo, is seen at distance (r + query_shift) - (p + token_shift(p) + block_shift). Each part
+    # is optional; a per-token shift is applied once to the whole key cache, not per gathered copy.
 
-        Args:
-            idx: ``[B, H, C, W]`` int64 selected key-block ids (-1 padding); pos: ``[B, H, C, W, bs]`` int64
-                token positions; far: ``[B, H, C, W]`` bool blocks before the local window.
-            lo: ``[C]`` int64 first key block of each query block's local window.
-            rows: ``[C, R]`` int64 position of each query row.
+    def token_shift(self, pos: Tensor) -> Tensor | None:
+        """Shift of far keys that depends only on their own position: ``pos [...]`` int64 -> ``[...]`` or None."""
+        return None
 
-        Returns:
-            ``key_delta [B, H, C, W, bs]`` (or ``[B, H, C, W, 1]``, one per block) int64, ignored on near keys,
-            and ``query_delta [C, R]`` int64 applied to the queries for far keys only, or None.
-        """
-        raise NotImplementedError
+    def block_shift(self, idx: Tensor, far: Tensor, lo: Tensor, bs: int) -> Tensor | None:
+        """Shift of each selected far block for each query block: ``idx [B, H, C, W]`` int64 block ids (-1 pad),
+        ``far [B, H, C, W]`` bool, ``lo [C]`` first window block -> ``[B, H, C, W, 1]`` int64, or None."""
+        return None
+
+    def query_shift(self, rows: Tensor, lo: Tensor, window: int, bs: int) -> Tensor | None:
+        """Shift of the queries when they read far keys: ``rows [C, R]`` int64 positions -> ``[C, R]``, or None."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -144,11 +145,6 @@ class Original(PositionPolicy):
     def changes_positions(self) -> bool:
         return False
 
-    def far_deltas(
-        self, idx: Tensor, pos: Tensor, far: Tensor, lo: Tensor, rows: Tensor, window: int, bs: int
-    ) -> tuple[Tensor, Tensor | None]:
-        return torch.zeros_like(pos), None
-
 
 @dataclass(frozen=True)
 class LongHeadsLayout(PositionPolicy):
@@ -156,13 +152,11 @@ class LongHeadsLayout(PositionPolicy):
 
     name: ClassVar[str] = "longheads"
 
-    def far_deltas(
-        self, idx: Tensor, pos: Tensor, far: Tensor, lo: Tensor, rows: Tensor, window: int, bs: int
-    ) -> tuple[Tensor, Tensor | None]:
+    def block_shift(self, idx: Tensor, far: Tensor, lo: Tensor, bs: int) -> Tensor | None:
         count = far.sum(dim=-1, keepdim=True)  # [B, H, C, 1]
         rank = far.cumsum(dim=-1) - 1  # order among the far blocks (indices are ascending)
         start = lo.view(1, 1, -1, 1) * bs - (count - rank) * bs  # where block rank r now starts
-        return (start - idx * bs).unsqueeze(-1), None  # one shift per block: [B, H, C, W, 1]
+        return (start - idx * bs).unsqueeze(-1)
 
 
 @dataclass(frozen=True)
@@ -171,10 +165,12 @@ class InfLLMLayout(PositionPolicy):
 
     name: ClassVar[str] = "infllm"
 
-    def far_deltas(
-        self, idx: Tensor, pos: Tensor, far: Tensor, lo: Tensor, rows: Tensor, window: int, bs: int
-    ) -> tuple[Tensor, Tensor | None]:
-        return lo.view(1, 1, -1, 1, 1) * bs - 1 - pos, None
+    # Key to position 0, query to r - (lo * bs - 1): every far key at distance r - lo * bs + 1.
+    def token_shift(self, pos: Tensor) -> Tensor | None:
+        return -pos
+
+    def query_shift(self, rows: Tensor, lo: Tensor, window: int, bs: int) -> Tensor | None:
+        return (-(lo * bs - 1)).view(-1, 1).expand(rows.shape)
 
 
 @dataclass(frozen=True)
@@ -192,12 +188,13 @@ class SelfExtend(PositionPolicy):
         super().__post_init__()
         check_int("group_size", self.group_size, 1)
 
-    def far_deltas(
-        self, idx: Tensor, pos: Tensor, far: Tensor, lo: Tensor, rows: Tensor, window: int, bs: int
-    ) -> tuple[Tensor, Tensor | None]:
+    # Key at p_k // G, query at p_q // G + W - W // G: d' = p_q // G - p_k // G + W - W // G.
+    def token_shift(self, pos: Tensor) -> Tensor | None:
+        return pos // self.group_size - pos
+
+    def query_shift(self, rows: Tensor, lo: Tensor, window: int, bs: int) -> Tensor | None:
         g = self.group_size
-        # Key at p_k // G, query at p_q // G + W - W // G: d' = p_q // G - p_k // G + W - W // G.
-        return pos // g - pos, rows // g + (window - window // g) - rows
+        return rows // g + (window - window // g) - rows
 
 
 _BY_NAME: dict[str, type[PositionPolicy]] = {
@@ -294,10 +291,17 @@ class Reposition:
         moved_s = self.rotate(summaries, (-centre).view(1, 1, nblk, 1).expand(1, 1, nblk, summaries.shape[3]))
         return torch.where(far, score(moved_q, moved_s), scores)
 
+    def shifted_keys(self, k: Tensor) -> Tensor | None:
+        """``k [B, Hkv, Tk, D]`` with the policy's per-token shift applied to every key (far keys are gathered
+        from it), or None when the policy has no per-token shift."""
+        positions = torch.arange(k.shape[2], device=k.device)
+        shift = self.policy.token_shift(positions)
+        return None if shift is None else self.rotate(k, shift)
+
     def plan(
         self, idx: Tensor, pos: Tensor, rows: Tensor, bs: int, valid: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Shifts for one chunk of query blocks.
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Far blocks and the per-block and query shifts of one chunk of query blocks.
 
         Args:
             idx: ``[B, H, C, W]`` int64 selected key blocks (-1 padding); pos: ``[B, H, C, W, bs]`` int64 token
@@ -305,25 +309,31 @@ class Reposition:
                 valid: ``[B, H, C, W, bs]`` bool keys that are attended at all.
 
         Returns:
-            ``key_delta [B, H, C, W, bs or 1]`` int64 (0 on near keys), ``far [B, H, C, W, 1]`` bool, and
-            ``query_delta [C, R]`` int64 for the far keys, or None. Raises ``ValueError`` when a far key would
-            be seen farther than the trained window.
+            ``far [B, H, C, W, 1]`` bool, ``block_shift [B, H, C, W, 1]`` int64 (0 on near blocks) or None, and
+            ``query_shift [C, R]`` int64 or None. Raises ``ValueError`` when a far key would be seen farther
+            than the trained window.
         """
         first = rows[:, 0]
         # The local window of a query block, as Method.static_mask builds it.
         lo = torch.minimum((first - self.window).clamp(min=0) // bs, first // bs)  # [C]
         far_blocks = (idx >= 0) & (idx < lo.view(1, 1, -1, 1))
-        key_delta, query_delta = self.policy.far_deltas(idx, pos, far_blocks, lo, rows, self.window, bs)
-        far = far_blocks.unsqueeze(-1)  # [B, H, C, W, 1]
-        key_delta = torch.where(far, key_delta, 0)
+        far = far_blocks.unsqueeze(-1)
+        block = self.policy.block_shift(idx, far_blocks, lo, bs)
+        if block is not None:
+            block = torch.where(far, block, 0)
+        query = self.policy.query_shift(rows, lo, self.window, bs)
         seen = far & valid
         if bool(seen.any()):
-            q_last = rows if query_delta is None else rows + query_delta
-            k_first = torch.where(seen, pos + key_delta, torch.iinfo(torch.int64).max).amin(dim=(0, 1, 3, 4))
-            farthest = int((q_last.amax(dim=1) - k_first).max())
+            shift = self.policy.token_shift(pos)
+            key_at = pos if shift is None else pos + shift
+            if block is not None:
+                key_at = key_at + block
+            q_at = rows if query is None else rows + query
+            k_first = torch.where(seen, key_at, torch.iinfo(torch.int64).max).amin(dim=(0, 1, 3, 4))
+            farthest = int((q_at.amax(dim=1) - k_first).max())
             if farthest >= self.rope.trained_window:
                 raise ValueError(self._too_far(farthest, int(rows.max()) + 1))
-        return key_delta, far, query_delta
+        return far, block, query
 
     def _too_far(self, farthest: int, length: int) -> str:
         p = self.policy

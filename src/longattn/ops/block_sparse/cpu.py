@@ -20,14 +20,13 @@ def cpu_kernel_available() -> bool:
 
 
 def attend_fused(
-    q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, row_pos: Tensor, q_far: Tensor | None = None,
-    far: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, row_pos: Tensor, far: tuple[Tensor, Tensor, Tensor] | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Same contract as :func:`~longattn.ops.block_sparse.reference.attend_plain`, fused (one query per row:
-    ``q_far`` must be None)."""
-    if q_far is not None:
-        raise ValueError("the fused CPU kernel takes one query per row; position policies that move queries "
-                         "(self_extend) run on backend='reference'")
+    """Same contract as :func:`~longattn.ops.block_sparse.reference.attend_plain`, fused (one query and key per
+    pair: ``far`` must be None)."""
+    if far is not None:
+        raise ValueError("the fused CPU kernel scores one query and key per pair; position policies run on "
+                         "backend='reference'")
     *lead, rows, d = q.shape
     keys = k.shape[-2]
     n = q[..., 0, 0].numel()

@@ -21,10 +21,11 @@ from longattn.core.selection import Selection
 _CHUNK_ELEMENTS = 1 << 21
 
 # attend(q [..., rows, D] scaled fp32, k, v [..., keys, D], key_pos [..., 1, keys], row_pos [..., rows, 1],
-#        q_far [..., rows, D] | None, far [..., 1, keys] | None)
+#        far = None | (q_far [..., rows, D], k_far [..., keys, D], mask [..., 1, keys]))
 #   -> (out [..., rows, D] fp32, lse [..., rows]); key j is visible to row r iff key_pos[j] <= row_pos[r];
-#   where given, keys marked far are scored against q_far (the queries a position policy moved).
-Attend = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, "Tensor | None", "Tensor | None"], tuple[Tensor, Tensor]]
+#   where given, keys in `mask` are scored as q_far . k_far (queries and keys a position policy moved).
+Far = tuple[Tensor, Tensor, Tensor]
+Attend = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, "Far | None"], tuple[Tensor, Tensor]]
 
 
 def check_inputs(
@@ -105,7 +106,8 @@ def gathered_attention(
     positions: Reposition | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chunked gather of the selected key blocks, handing each chunk to ``attend``. Shapes as in
-    :func:`block_sparse_attention_reference`; only the selected keys are ever copied (never the whole cache).
+    :func:`block_sparse_attention_reference`; only the selected keys are copied, plus one rotated copy of
+    ``k`` when a position policy shifts keys by their own position (infllm, self_extend: O(T·D), not per query).
     """
     offset = check_inputs(q, k, v, selection, key_mask, q_offset)
     if positions is not None and not causal:
@@ -126,11 +128,15 @@ def gathered_attention(
     # (twice as fast as gathering bs token rows) and nothing is padded or copied beforehand. A partial last
     # block is read as the window ending at Tk; its tokens of the previous block are masked out.
     runs = k.is_contiguous() and v.is_contiguous() and tk >= bs
+    # A position policy with a per-token key shift rotates the whole cache once; far keys are gathered from it.
+    k_moved = positions.shifted_keys(k) if positions is not None else None
     if runs:
         kwin = k.reshape(-1).unfold(0, bs * d, d)  # [B*Hkv*Tk - bs + 1, bs*D]
         vwin = v.reshape(-1).unfold(0, bs * d, d)
+        mwin = None if k_moved is None else k_moved.reshape(-1).unfold(0, bs * d, d)
     else:  # a strided cache or a cache shorter than one block: gather token rows
         kwin, vwin = k.reshape(b * hkv * tk, d), v.reshape(b * hkv * tk, d)
+        mwin = None if k_moved is None else k_moved.reshape(b * hkv * tk, d)
     valid_rows = None if key_mask is None else key_mask.reshape(b * tk)
 
     # Rows of one selection head: its query heads x the query block's tokens.  q: [B, Hq, Tq, D] ->
@@ -177,6 +183,7 @@ def gathered_attention(
                 rows_at = (row_base.squeeze(-1) + window).flatten()
                 kg = kwin.index_select(0, rows_at).view(b, hs, c, width * bs, d)
                 vg = vwin.index_select(0, rows_at).view(b, hs, c, width * bs, d)
+                where = rows_at
             else:
                 pos = first.unsqueeze(-1) + in_block
                 ok = (idx.unsqueeze(-1) >= 0) & (pos < tk)
@@ -184,19 +191,26 @@ def gathered_attention(
                 flat = (row_base + pos).flatten()
                 kg = kwin.index_select(0, flat).view(b, hs, c, width * bs, d)
                 vg = vwin.index_select(0, flat).view(b, hs, c, width * bs, d)
+                where = flat
             if valid_rows is not None:
                 ok &= valid_rows.index_select(0, (bi * tk + pos).flatten()).view(pos.shape)
-            qc, q_far, far = qr[:, :, start:stop], None, None
+            qc, far = qr[:, :, start:stop], None
             if positions is not None:
-                key_delta, far_keys, query_delta = positions.plan(idx, pos, row_pos[start:stop], bs, ok)
-                # A policy's shift may be one per block ([..., W, 1]): rotating [..., W, bs, D] broadcasts it.
-                kg = positions.rotate(kg.view(b, hs, c, width, bs, d), key_delta).view(b, hs, c, width * bs, d)
-                if query_delta is not None:  # the policy moves the queries too, for the far keys only
-                    q_far = positions.rotate(qc, query_delta.view(1, 1, c, rows))
-                    far = far_keys.expand(b, hs, c, width, bs).reshape(b, hs, c, 1, width * bs)
+                far_blocks, block, query = positions.plan(idx, pos, row_pos[start:stop], bs, ok)
+                if mwin is None and query is None:
+                    # Only whole blocks move (longheads): rotate them in the one gathered copy, near ones by 0.
+                    if block is not None:
+                        kg = positions.rotate(kg.view(b, hs, c, width, bs, d), block).view(kg.shape)
+                else:
+                    moved = kg if mwin is None else mwin.index_select(0, where).view(kg.shape)
+                    if block is not None:
+                        moved = positions.rotate(moved.view(b, hs, c, width, bs, d), block).view(kg.shape)
+                    q_far = qc if query is None else positions.rotate(qc, query.view(1, 1, c, rows))
+                    mask = far_blocks.expand(b, hs, c, width, bs).reshape(b, hs, c, 1, width * bs)
+                    far = (q_far, moved, mask)
             # Invalid keys get a position after every query, so one comparison applies causality and validity.
             key_pos = torch.where(ok, pos, beyond).view(b, hs, c, 1, width * bs)
-            o, l = attend(qc, kg, vg, key_pos, row_pos[start:stop].view(1, 1, c, rows, 1), q_far, far)
+            o, l = attend(qc, kg, vg, key_pos, row_pos[start:stop].view(1, 1, c, rows, 1), far)
             out[:, :, start:stop] = o.to(out.dtype)
             lse[:, :, start:stop] = l
         start = stop
@@ -207,24 +221,23 @@ def gathered_attention(
 
 
 def attend_plain(
-    q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, row_pos: Tensor, q_far: Tensor | None = None,
-    far: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, row_pos: Tensor, far: Far | None = None
 ) -> tuple[Tensor, Tensor]:
     """Masked softmax attention of gathered keys, step by step in float32.
 
     Args:
         q: ``[..., rows, D]`` float32, already scaled; k, v: ``[..., keys, D]``.
         key_pos: ``[..., 1, keys]`` key positions (invalid keys beyond every row); row_pos: ``[..., rows, 1]``.
-        q_far: ``[..., rows, D]`` the queries for the keys marked in ``far`` ``[..., 1, keys]`` bool (a position
-            policy that moves queries); None: ``q`` for every key.
+        far: ``(q_far [..., rows, D], k_far [..., keys, D], mask [..., 1, keys] bool)``: keys in ``mask`` are
+            scored as ``q_far . k_far`` (a position policy moved them); None: ``q . k`` everywhere.
 
     Returns:
         ``out [..., rows, D]`` float32 and ``lse [..., rows]``; rows without a key give 0 and ``-inf``.
     """
-    kt = k.float().transpose(-1, -2)
-    scores = torch.matmul(q, kt)
-    if q_far is not None and far is not None:
-        scores = torch.where(far, torch.matmul(q_far, kt), scores)
+    scores = torch.matmul(q, k.float().transpose(-1, -2))
+    if far is not None:
+        q_far, k_far, mask = far
+        scores = torch.where(mask, torch.matmul(q_far, k_far.float().transpose(-1, -2)), scores)
     scores.masked_fill_(key_pos > row_pos, float("-inf"))
     m = scores.amax(dim=-1, keepdim=True)
     # Shifting empty rows by 0 keeps them at exp(-inf) = 0 instead of NaN.
