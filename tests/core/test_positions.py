@@ -152,6 +152,14 @@ def test_decode_step_equals_rope_reference():
         torch.testing.assert_close(out[0], expected, atol=1e-4, rtol=1e-4)
 
 
+def test_a_policy_that_keeps_positions_equals_no_policy():
+    q, k, v = (torch.randn(1, h, 90, D, generator=torch.Generator().manual_seed(h)) for h in (4, 2, 2))
+    sel = _random_selection(4, 90, 8, 8, 16, 0.3, seed=9)
+    plain, plain_lse = block_sparse_attention(q, k, v, sel)
+    kept, kept_lse = block_sparse_attention(q, k, v, sel, positions=Reposition(Original(), Rope(INV_FREQ, 64), 16))
+    assert torch.equal(kept, plain) and torch.equal(kept_lse, plain_lse)
+
+
 def test_full_selection_under_longheads_or_group_one_keeps_real_positions():
     """Every block selected: the contiguous layout is the original one, and groups of 1 are exact distances."""
     hq, hkv, t, bs = 4, 2, 100, 16

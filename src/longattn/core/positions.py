@@ -323,7 +323,8 @@ class Reposition:
             block = torch.where(far, block, 0)
         query = self.policy.query_shift(rows, lo, self.window, bs)
         seen = far & valid
-        if bool(seen.any()):
+        # `original` moves nothing: real distances past the window are the caller's choice, as without longattn.
+        if self.policy.changes_positions and bool(seen.any()):
             shift = self.policy.token_shift(pos)
             key_at = pos if shift is None else pos + shift
             if block is not None:
