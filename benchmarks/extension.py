@@ -7,8 +7,9 @@
 Runs the sweep into ``<out>/results.jsonl`` (resumable: cells already there are skipped), then writes
 ``<out>/report.md`` with its heat maps. Prompts are prefilled in 2,048-token segments (``greedy_generate``'s
 default), so peak memory is the KV cache plus one segment's activations. Labels are ``method/policy``;
-``dense`` is PyTorch SDPA at real positions. On 2 CPU cores one 32k prompt takes ~3-4 minutes, so the full
-grid (every label x 3 lengths x 2 tasks x 5 depths x 2 seeds) would take days: pass the subset to run.
+``dense`` is PyTorch SDPA at real positions. On 2 CPU cores one 16k prompt takes ~2 minutes (dense SDPA, or a
+sparse method at its default budget) to ~8 minutes (``dense/self_extend``), so the full grid (every label x 3
+lengths x 2 tasks x 5 depths x 2 seeds) would take days: pass the subset to run.
 """
 
 from __future__ import annotations
