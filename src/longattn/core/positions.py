@@ -52,12 +52,17 @@ def rotate(x: Tensor, delta: Tensor, inv_freq: Tensor) -> Tensor:
     d = x.shape[-1]
     if inv_freq.dim() != 1 or 2 * inv_freq.shape[0] != d:
         raise ValueError(f"inv_freq must be [D/2 = {d // 2}] for head dim {d}, got {tuple(inv_freq.shape)}")
-    # The angle in float64 and reduced mod 2*pi: at 32k positions a float32 product is off by ~1e-3 rad.
-    angle = torch.remainder(delta.to(torch.float64).unsqueeze(-1) * inv_freq.to(torch.float64), 2 * math.pi)
-    cos, sin = angle.float().cos(), angle.float().sin()
+    angle = _angle(delta, inv_freq)
+    cos, sin = angle.cos(), angle.sin()
     xf = x.float()
     x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def _angle(delta: Tensor, inv_freq: Tensor) -> Tensor:
+    """``delta [...]`` x ``inv_freq [D/2]`` -> ``[..., D/2]`` float32 angles, computed in float64 and reduced mod
+    2*pi first: at 32k positions a float32 product is off by ~1e-3 rad."""
+    return torch.remainder(delta.to(torch.float64).unsqueeze(-1) * inv_freq.to(torch.float64), 2 * math.pi).float()
 
 
 @dataclass(frozen=True)
@@ -254,9 +259,8 @@ class Reposition:
         table = self._table
         if "cos" not in table or table["cos"].shape[0] // 2 < reach or table["cos"].device != device:
             size = max(reach, 2 * (table["cos"].shape[0] // 2) if "cos" in table else 4096)
-            shifts = torch.arange(-size, size + 1, dtype=torch.float64)
-            angle = torch.remainder(shifts.unsqueeze(-1) * self.rope.inv_freq.to(torch.float64), 2 * math.pi)
-            table["cos"], table["sin"] = angle.cos().float().to(device), angle.sin().float().to(device)
+            angle = _angle(torch.arange(-size, size + 1), self.rope.inv_freq)
+            table["cos"], table["sin"] = angle.cos().to(device), angle.sin().to(device)
         return table["cos"], table["sin"]
 
     @property
