@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from longattn.core.checks import check_int
+from longattn.core.selection import window_first_block
 
 POLICIES = ("original", "longheads", "infllm", "self_extend")
 # RoPE variants whose encoding is a pure rotation by position x inv_freq (any static frequency rescaling is
@@ -318,8 +319,7 @@ class Reposition:
             than the trained window.
         """
         first = rows[:, 0]
-        # The local window of a query block, as Method.static_mask builds it.
-        lo = torch.minimum((first - self.window).clamp(min=0) // bs, first // bs)  # [C]
+        lo = window_first_block(first, self.window, bs)  # [C], the window Method.static_mask keeps
         far_blocks = (idx >= 0) & (idx < lo.view(1, 1, -1, 1))
         far = far_blocks.unsqueeze(-1)
         block = self.policy.block_shift(idx, far_blocks, lo, bs)

@@ -167,6 +167,16 @@ class Selection:
         return per.sum(dim=(-1, -2))
 
 
+def window_first_block(first: Tensor, window: int, block_size: int) -> Tensor:
+    """First key block of each query block's local window: the block holding ``first - window`` (clamped at 0),
+    never after the query block's own first block. ``first [Qblk]`` first query positions -> ``[Qblk]``.
+
+    The one definition of "the window" that selection (``Method.static_mask``), compensation (razor), chunk
+    scoring (dhsa) and position policies (near vs far keys) share.
+    """
+    return torch.minimum((first - window).clamp(min=0) // block_size, first // block_size)
+
+
 def causal_pairs(q_len: int, kv_len: int) -> int:
     """Number of causal query-key pairs when ``q_len`` newest queries attend ``kv_len`` keys."""
     offset = kv_len - q_len

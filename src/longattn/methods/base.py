@@ -14,7 +14,7 @@ from torch import Tensor
 
 from longattn.core.checks import check_int
 from longattn.core.positions import PositionPolicy, Reposition, position_policy
-from longattn.core.selection import Selection
+from longattn.core.selection import Selection, window_first_block
 
 # Elements of a chunk's [B, H, query blocks, key blocks] masks and scores: selection runs chunk by chunk so
 # its memory stays linear in the context (the full block-level matrix is quadratic).
@@ -183,8 +183,7 @@ class Method:
         nkb = -(-ctx.kv_len // bs)
         first, last = self._query_span(q_len, ctx, qbs)
         blocks = torch.arange(nkb, device=first.device).view(1, 1, -1)  # [1, 1, Nblk]
-        lo = (first - self.window).clamp(min=0) // bs
-        lo = torch.minimum(lo, first // bs)
+        lo = window_first_block(first, self.window, bs)
         window = (blocks >= lo.view(1, -1, 1)) & (blocks <= (last // bs).view(1, -1, 1))  # [1, Qblk, Nblk]
         start = torch.zeros(1, dtype=torch.long, device=first.device)
         if ctx.key_mask is not None:

@@ -10,6 +10,7 @@ from torch import Tensor
 
 import longattn.methods.base as base
 from longattn.core.checks import check_int
+from longattn.core.selection import window_first_block
 from longattn.methods.base import SelectionContext, TopKMethod, group_queries
 
 
@@ -103,7 +104,7 @@ class DHSA(TopKMethod):
         keys = self.raw_keys(ctx)
         nqb, nkb = -(-tq // qbs), -(-ctx.kv_len // bs)
         first, _ = self._query_span(tq, ctx, qbs)
-        lo = torch.minimum((first - self.window).clamp(min=0) // bs, first // bs)  # window start block: [Qblk]
+        lo = window_first_block(first, self.window, bs)  # window start block: [Qblk]
         horizon = lo * bs // unit  # [Qblk] units before each query block's window; <= Tk // unit
         n = keys.shape[2] // unit
         if n == 0 or int(horizon.max()) == 0:

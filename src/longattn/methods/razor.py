@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from longattn.core.selection import Selection
+from longattn.core.selection import Selection, window_first_block
 from longattn.methods.base import SelectionContext
 from longattn.methods.duo import Duo
 from longattn.ops.merge import merge_attention
@@ -78,7 +78,7 @@ class Razor(Duo):
 
         counts = torch.nn.functional.pad(weight.view(b, nkb, bs).sum(-1).cumsum(1), (1, 0))  # [B, Nblk + 1]
         first, _ = self._query_span(q_len, ctx, qbs)
-        lo = torch.minimum((first - self.window).clamp(min=0) // bs, first // bs)  # first window block: [Qblk]
+        lo = window_first_block(first, self.window, bs)  # first window block: [Qblk]
         start = valid.int().argmax(dim=1)  # first valid key of each row: [B]
         sink_end = torch.where(
             torch.tensor(self.sink_tokens > 0, device=k.device), -(-(start + self.sink_tokens) // bs), start // bs
