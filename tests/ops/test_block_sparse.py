@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longattn.core.selection import Selection, causal_pairs
-from longattn.ops import block_sparse_attention, block_sparse_attention_cpu, block_sparse_attention_reference, merge_attention, resolve_backend
+from longattn.ops import block_sparse_attention, block_sparse_attention_cpu, block_sparse_attention_reference, merge_attention, resolve_backend, triton_available
 
 OPS = {"reference": block_sparse_attention_reference, "cpu": block_sparse_attention_cpu}
 
@@ -230,7 +230,8 @@ def test_bad_selection_dtype_and_backend():
         block_sparse_attention(q, k, v, full_selection(1, 2, 16, 16, 16, 16), backend="cuda-magic")
     with pytest.raises(ValueError, match="CPU tensors only"):
         resolve_backend("cpu", "cuda")
-    assert resolve_backend("auto", "cuda") == "reference" and resolve_backend("auto", "cpu") == "reference"
+    assert resolve_backend("auto", "cuda") == ("triton" if triton_available() else "reference")
+    assert resolve_backend("auto", "cpu") == "reference" and resolve_backend("auto", "cuda", positions=True) == "reference"
     with pytest.raises(ValueError, match="key_mask"):
         block_sparse_attention(q, k, v, full_selection(1, 2, 16, 16, 16, 16), key_mask=torch.ones(1, 15, dtype=torch.bool))
 
