@@ -141,3 +141,38 @@ def test_cropped_cache_continues_like_a_fresh_run():
         reused = model(second, past_key_values=cache, use_cache=True).logits
         fresh = model(torch.cat([first[:, :48], second], dim=1)).logits[:, 48:]
     torch.testing.assert_close(reused, fresh, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["moba", "streaming"])
+def test_triton_backend_through_apply_equals_reference(name):
+    """The whole path on backend "triton" (CUDA, or Triton's interpreter on CPU): fused block top-k (moba,
+    quest) and the fused attention kernel, prefill and split-K decode, equal the reference backend."""
+    pytest.importorskip("triton", reason="triton is not installed (the test extra installs it on Linux x86_64)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model("llama").to(device)
+    ids = torch.randint(0, 256, (2, 120), generator=torch.Generator().manual_seed(3)).to(device)
+    config = {"block_size": 16, "window": 32, "sink_tokens": 4} | ({"top_k": 2} if name != "streaming" else {})
+    method = longattn.get_method(name, **config)
+    runs = {}
+    for backend in ("reference", "triton"):
+        with torch.no_grad(), longattn.apply(model, method, backend=backend) as session:
+            logits = model(ids).logits
+            generated = model.generate(ids, max_new_tokens=2, do_sample=False, min_new_tokens=2)
+        runs[backend] = (logits, generated, session.prefill_stats.density)
+    torch.testing.assert_close(runs["triton"][0], runs["reference"][0], atol=1e-4, rtol=1e-4)
+    assert torch.equal(runs["triton"][1], runs["reference"][1])
+    assert runs["triton"][2] == runs["reference"][2] < 1.0  # really sparse
+    with torch.no_grad():
+        dense = model(ids).logits
+    assert (runs["triton"][0] - dense).abs().max() > 1e-3
+
+
+def test_backends_that_cannot_run_raise_through_apply():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 40))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="backend='flex' runs compiled on CUDA"):
+            with longattn.apply(model, longattn.get_method("moba"), backend="flex"):
+                model(ids)
+    with pytest.raises(ValueError, match="positions='self_extend' runs on backend 'reference' or 'auto'"):
+        longattn.apply(model, longattn.get_method("moba", positions="self_extend"), backend="triton")

@@ -20,7 +20,7 @@ from longattn.core.index import BlockIndex
 from longattn.core.positions import Reposition, Rope
 from longattn.core.selection import Selection, causal_pairs
 from longattn.methods.base import Method, SelectionContext
-from longattn.ops.block_sparse import BACKENDS, block_sparse_attention
+from longattn.ops.block_sparse import BACKENDS, block_sparse_attention, resolve_backend
 from longattn.ops.dense import dense_attention
 
 ATTENTION_NAME = "longattn"
@@ -143,6 +143,11 @@ class Session:
                     f"method {self.method.name!r} adjusts attention outputs with keys at their real positions; "
                     f"it cannot be combined with positions={policy.name!r} (use positions='original')"
                 )
+            if self.backend not in ("auto", "reference"):
+                raise ValueError(
+                    f"positions={policy.name!r} runs on backend 'reference' or 'auto' (only the reference re-rotates "
+                    f"keys), not {self.backend!r}"
+                )
             self.reposition = Reposition(policy, self.rope, self.method.window)
 
     def attend(self, module: Any, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, scale: float) -> Tensor:
@@ -152,7 +157,7 @@ class Session:
         layer = int(getattr(module, "layer_idx", 0))
         ctx = SelectionContext(
             kv_len=tk, q_offset=tk - tq, layer=layer, num_kv_heads=hkv, key_mask=key_mask, device=q.device, keys=k,
-            reposition=self.reposition,
+            reposition=self.reposition, backend=resolve_backend(self.backend, q.device.type, self.reposition is not None),
         )
         # Only `dense` has use_sdpa: the SDPA baseline, nothing to select. A position policy needs the operator.
         if getattr(self.method, "use_sdpa", False) and self.reposition is None:

@@ -36,6 +36,8 @@ class SelectionContext:
             methods that score raw keys instead of block summaries; None where the caller has none.
         reposition: the session's position policy when it moves keys (None otherwise); methods with
             ``rotatable_scores`` score far blocks at its capped distance.
+        backend: the attention backend this step runs on, resolved ("reference", "cpu", "triton", "flex");
+            on "triton", methods with a ``fused_score`` select through the fused block top-k kernel.
     """
 
     kv_len: int
@@ -46,6 +48,7 @@ class SelectionContext:
     device: torch.device = torch.device("cpu")
     keys: Tensor | None = None
     reposition: Reposition | None = None
+    backend: str = "reference"
 
 
 @dataclass
@@ -257,10 +260,73 @@ class TopKMethod(Method):
         if not isinstance(self.share_kv_heads, bool):
             raise ValueError(f"share_kv_heads must be a bool, got {self.share_kv_heads!r}")
 
+    fused_score: ClassVar[str | None] = None
+    """The :mod:`longattn.ops.block_topk` kind ("mean", "minmax") that :meth:`score` computes, letting the
+    fused Triton block top-k select for this method on backend "triton"; None: always the PyTorch path."""
+
     def q_block_size(self, q_len: int) -> int:
         if q_len == 1:
             return 1
         return self.query_block_size or min(self.block_size, 16)
+
+    def select(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext) -> Selection:
+        if self.uses_fused_topk(ctx):
+            return self.fused_select(q, self.checked_summaries(summaries, q.shape[0], ctx), ctx)
+        return super().select(q, summaries, ctx)
+
+    def uses_fused_topk(self, ctx: SelectionContext) -> bool:
+        """Whether this step selects through the fused kernel: backend "triton", a ``fused_score``, per-head
+        selection at real positions, and no subclass change to how scores become a mask."""
+        cls = type(self)
+        return (
+            ctx.backend == "triton" and self.fused_score is not None and not self.share_kv_heads
+            and ctx.reposition is None and cls.block_mask is TopKMethod.block_mask
+            and cls.block_scores is TopKMethod.block_scores and cls.prepare is Method.prepare
+        )
+
+    def fused_select(self, q: Tensor, summaries: Tensor, ctx: SelectionContext, backend: str = "auto") -> Selection:
+        """The Selection of :meth:`select` (static sinks + window, then the ``top_k`` best retrievable blocks)
+        with scoring, pooling and top-k fused (:func:`longattn.ops.block_topk.block_topk`): no per-query
+        ``[Tq, Nblk]`` score tensor. ``q [B, Hq, Tq, D]``, summaries ``[B, Hkv, Nblk, R, D]``.
+        """
+        from longattn.ops.block_topk import block_topk
+
+        b, hq, tq, _ = q.shape
+        bs, qbs = self.block_size, self.q_block_size(tq)
+        nkb = -(-ctx.kv_len // bs)
+        dev = q.device
+        first, last = self._query_span(tq, ctx, qbs)
+        win_lo, last_blk = window_first_block(first, self.window, bs), last // bs  # [Qblk]
+        start = torch.zeros(b, dtype=torch.long, device=dev)
+        has_key = None
+        if ctx.key_mask is not None:
+            start = ctx.key_mask.int().argmax(dim=1)
+            pad = nkb * bs - ctx.kv_len
+            has_key = torch.nn.functional.pad(ctx.key_mask, (0, pad)).view(b, nkb, -1).any(-1)
+        # Same sinks as static_mask: blocks from the first valid key's up to the one holding sink token S-1.
+        sink_lo, sink_hi = start // bs, -(-(start + self.sink_tokens) // bs)
+        if backend == "auto":
+            backend = "triton" if ctx.backend == "triton" else "reference"
+        if self.top_k > 0:
+            top = block_topk(q, summaries, self.fused_score, self.top_k, qbs, win_lo, sink_lo, sink_hi, has_key,
+                             backend=backend)
+        else:
+            top = torch.full((b, hq, first.shape[0], 0), -1, dtype=torch.int32, device=dev)
+        ws = max(int((sink_hi - sink_lo).max()), 0)
+        ww = int((last_blk - win_lo).max()) + 1
+        sinks = sink_lo.view(b, 1, 1, 1) + torch.arange(ws, device=dev)  # [B, 1, 1, Ws]
+        sinks = sinks.expand(b, 1, first.shape[0], ws)
+        sink_ok = (sinks < sink_hi.view(b, 1, 1, 1)) & (sinks < win_lo.view(1, 1, -1, 1))
+        window = win_lo.view(1, 1, -1, 1) + torch.arange(ww, device=dev)  # [1, 1, Qblk, Ww]
+        window_ok = window <= last_blk.view(1, 1, -1, 1)
+        ids = torch.cat([
+            torch.where(sink_ok, sinks, nkb).expand(b, hq, -1, -1),
+            torch.where(window_ok, window, nkb).expand(b, hq, -1, -1),
+            torch.where(top >= 0, top.long(), nkb),
+        ], dim=-1).sort(dim=-1).values
+        kept = ids < nkb
+        indices = torch.where(kept, ids, -1).to(torch.int32).contiguous()
+        return Selection(indices, kept.sum(-1, dtype=torch.int32), qbs, bs)
 
     def score(self, q: Tensor, summaries: Tensor) -> Tensor:
         """Per-query block scores: ``q [B, Hq, Tq, D]``, summaries ``[B, Hkv, Nblk, R, D]`` -> ``[B, Hq, Tq, Nblk]``."""

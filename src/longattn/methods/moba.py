@@ -28,6 +28,7 @@ class MoBA(TopKMethod):
     name: ClassVar[str] = "moba"
     paper: ClassVar[str] = "MoBA: Mixture of Block Attention for Long-Context LLMs https://arxiv.org/abs/2502.13189"
     summary: ClassVar[str | None] = "mean"
+    fused_score: ClassVar[str | None] = "mean"
     rotatable_scores: ClassVar[bool] = True
 
     def score(self, q: Tensor, summaries: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ class Quest(TopKMethod):
         "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference https://arxiv.org/abs/2406.10774"
     )
     summary: ClassVar[str | None] = "minmax"
+    fused_score: ClassVar[str | None] = "minmax"
 
     def score(self, q: Tensor, summaries: Tensor) -> Tensor:
         """``q [B, Hq, Tq, D]``, summaries ``[B, Hkv, Nblk, 2, D]`` (min, max) -> ``[B, Hq, Tq, Nblk]``."""

@@ -1,0 +1,54 @@
+"""Block scoring + top-k (what a scored method retrieves), with backend dispatch.
+
+``reference`` is plain PyTorch (reference.py); ``triton`` fuses scoring, pooling, masking and the top-k in one
+kernel (triton_kernel.py); ``auto`` picks triton on CUDA when Triton is installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import Tensor
+
+from longattn.ops.block_sparse import triton_available, triton_interpreted
+from longattn.ops.block_topk.reference import KINDS, block_topk_reference
+
+TOPK_BACKENDS = ("auto", "reference", "triton")
+
+
+def block_topk(
+    q: Tensor,
+    summaries: Tensor,
+    kind: str,
+    top_k: int,
+    q_block_size: int,
+    limit: Tensor,
+    sink_lo: Tensor,
+    sink_hi: Tensor,
+    has_key: Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """``q [B, Hq, Tq, D]``, ``summaries [B, Hkv, Nblk, R, D]`` -> ``[B, Hq, Qblk, top_k]`` int32 block ids, best
+    first, ``-1`` padded. See :func:`~longattn.ops.block_topk.reference.block_topk_reference` for the contract.
+
+    Args:
+        backend: one of ``TOPK_BACKENDS``; a forced "triton" that cannot run here raises.
+    """
+    if backend not in TOPK_BACKENDS:
+        raise ValueError(f"backend must be one of {TOPK_BACKENDS}, got {backend!r}")
+    device = q.device.type
+    if backend == "auto":
+        backend = "triton" if device == "cuda" and triton_available() else "reference"
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package: pip install 'longattn[gpu]' (or triton)")
+        if device != "cuda" and not triton_interpreted():
+            raise ValueError(f"backend='triton' runs on CUDA tensors, got {device} tensors (on CPU, set "
+                             "TRITON_INTERPRET=1 before importing longattn)")
+        fn = importlib.import_module("longattn.ops.block_topk.triton_kernel").block_topk_triton
+        return fn(q, summaries, kind, top_k, q_block_size, limit, sink_lo, sink_hi, has_key)
+    return block_topk_reference(q, summaries, kind, top_k, q_block_size, limit, sink_lo, sink_hi, has_key)
+
+
+__all__ = ["KINDS", "TOPK_BACKENDS", "block_topk", "block_topk_reference"]

@@ -1,0 +1,149 @@
+"""Fused block scoring + top-k in Triton: scores, pooling, eligibility and the running top-k in one pass.
+
+One program owns one query block of one query head (and one slice of the key blocks when split): it scores
+``BLOCK_N`` summaries at a time with ``tl.dot``, max-pools over its queries, masks the blocks it may not
+retrieve and folds them into a running top-k. Score and block id travel as one int64 key (the float's
+order-preserving int32 bits above, the inverted id below), so ``tl.topk`` keeps ids with their scores and
+ties go to the lower id. Nothing of size ``[Tq, Nblk]`` is written: per program, ``K`` keys.
+
+Decode (one query per program, many blocks) splits the blocks across programs; the wrapper merges the
+per-split candidates with one small ``topk``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from longattn.ops.block_topk.reference import check_topk_inputs
+
+INTERPRETED = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
+_NO_BLOCK = -(2**63)  # the key of "no block": below every real key
+
+
+@triton.jit
+def _block_topk_kernel(
+    Q, S, KEYS, LIMIT, SINK_LO, SINK_HI, HAS_KEY,
+    sqb, sqh, sqt, sqd,
+    ssb, ssh, ssn, ssr, ssd,
+    Tq, Nblk, blocks_per_split, num_hq, num_qb,
+    G: tl.constexpr, QBS: tl.constexpr, D: tl.constexpr, KP: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MINMAX: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // num_hq
+    h = bh % num_hq
+    kvh = h // G
+    r = tl.arange(0, BLOCK_M)
+    tok = j * QBS + r
+    row_ok = (r < QBS) & (tok < Tq)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q = tl.load(Q + b * sqb + h * sqh + tok[:, None] * sqt + d[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    if MINMAX:
+        q_pos = tl.maximum(q, 0.0)
+        q_neg = tl.minimum(q, 0.0)
+    limit = tl.load(LIMIT + j)
+    sink_lo = tl.load(SINK_LO + b)
+    sink_hi = tl.load(SINK_HI + b)
+    lo = split * blocks_per_split
+    hi = tl.minimum(lo + blocks_per_split, limit)
+    best = tl.full([KP], _NO_BLOCK, tl.int64)
+    s_base = S + b * ssb + kvh * ssh
+    for n0 in range(lo, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        ok = (n < hi) & ((n < sink_lo) | (n >= sink_hi))
+        if HAS_MASK:
+            ok = ok & (tl.load(HAS_KEY + b * Nblk + n, mask=ok, other=0) != 0)
+        ld = ok[None, :] & d_ok[:, None]
+        if MINMAX:
+            lo_t = tl.load(s_base + n[None, :] * ssn + d[:, None] * ssd, mask=ld, other=0.0).to(tl.float32)
+            hi_t = tl.load(s_base + n[None, :] * ssn + ssr + d[:, None] * ssd, mask=ld, other=0.0).to(tl.float32)
+            sc = tl.dot(q_pos, hi_t, input_precision="ieee") + tl.dot(q_neg, lo_t, input_precision="ieee")
+        else:
+            mean_t = tl.load(s_base + n[None, :] * ssn + d[:, None] * ssd, mask=ld, other=0.0).to(tl.float32)
+            sc = tl.dot(q, mean_t, input_precision="ieee")
+        sc = tl.where(row_ok[:, None], sc, float("-inf"))
+        pooled = tl.max(sc, axis=0)  # [BLOCK_N]
+        # Order-preserving int32 of a float: negative floats have their magnitude bits flipped.
+        bits = pooled.to(tl.int32, bitcast=True)
+        bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        key = (bits.to(tl.int64) << 32) | (2147483647 - n).to(tl.int64)
+        key = tl.where(ok, key, _NO_BLOCK)
+        cand = tl.topk(key, KP)
+        best = tl.topk(tl.reshape(tl.join(best, cand), [2 * KP]), KP)
+    out = KEYS + ((bh * num_qb + j) * SPLITS + split) * KP + tl.arange(0, KP)
+    tl.store(out, best)
+
+
+def block_topk_triton(
+    q: Tensor,
+    summaries: Tensor,
+    kind: str,
+    top_k: int,
+    q_block_size: int,
+    limit: Tensor,
+    sink_lo: Tensor,
+    sink_hi: Tensor,
+    has_key: Tensor | None = None,
+) -> Tensor:
+    """Same signature and contract as :func:`~longattn.ops.block_topk.reference.block_topk_reference`:
+    ``q [B, Hq, Tq, D]``, ``summaries [B, Hkv, Nblk, R, D]`` -> ``[B, Hq, Qblk, top_k]`` int32, best first."""
+    return block_topk_launch(q, summaries, kind, top_k, q_block_size, limit, sink_lo, sink_hi, has_key)
+
+
+def block_topk_launch(
+    q: Tensor,
+    summaries: Tensor,
+    kind: str,
+    top_k: int,
+    q_block_size: int,
+    limit: Tensor,
+    sink_lo: Tensor,
+    sink_hi: Tensor,
+    has_key: Tensor | None = None,
+    *,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+) -> Tensor:
+    """:func:`block_topk_triton` with the launch geometry exposed (tests force splits and tile widths)."""
+    check_topk_inputs(q, summaries, kind, top_k, q_block_size, limit, sink_lo, sink_hi, has_key)
+    if q.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"the Triton block top-k runs on CUDA tensors, got {q.device.type} tensors (on CPU, set "
+                         "TRITON_INTERPRET=1 before importing longattn)")
+    b, hq, tq, d = q.shape
+    hkv, nkb = summaries.shape[1], summaries.shape[2]
+    qbs = q_block_size
+    nqb = -(-tq // qbs)
+    kp = triton.next_power_of_2(top_k)
+    if block_n is None:
+        block_n = max(64, kp)
+    if block_n < max(16, kp) or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= max(16, next_pow2(top_k)={kp}), got {block_n}")
+    if num_splits is None:
+        # Decode scans every block for one query: split the blocks so that the GPU fills.
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else 2
+        num_splits = 1 if nqb * b * hq >= 2 * sms else max(1, min(-(-nkb // block_n), -(-2 * sms // (nqb * b * hq))))
+    per_split = -(-nkb // num_splits)
+    keys = torch.empty((b, hq, nqb, num_splits, kp), dtype=torch.int64, device=q.device)
+    has = has_key.to(torch.uint8).contiguous() if has_key is not None else q.new_ones(1, dtype=torch.uint8)
+    _block_topk_kernel[(nqb, b * hq, num_splits)](
+        q, summaries, keys, limit.to(torch.int32).contiguous(), sink_lo.to(torch.int32).contiguous(),
+        sink_hi.to(torch.int32).contiguous(), has,
+        *q.stride(), *summaries.stride(),
+        tq, nkb, per_split, hq, nqb,
+        G=hq // hkv, QBS=qbs, D=d, KP=kp, SPLITS=num_splits,
+        BLOCK_M=max(16, triton.next_power_of_2(qbs)), BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        MINMAX=kind == "minmax", HAS_MASK=has_key is not None,
+    )
+    keys = keys.view(b, hq, nqb, num_splits * kp)
+    if num_splits > 1 or kp > top_k:
+        keys = keys.topk(min(top_k, keys.shape[-1]), dim=-1).values
+    ids = (2147483647 - (keys & 0xFFFFFFFF)).to(torch.int32)
+    return torch.where(keys != _NO_BLOCK, ids, -1)[..., :top_k]

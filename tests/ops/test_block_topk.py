@@ -1,0 +1,143 @@
+"""Fused block scoring + top-k: the Triton kernel against the PyTorch reference, and the methods that use it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import longattn
+from longattn.core.index import BlockIndex
+from longattn.methods import SelectionContext
+from longattn.ops.block_topk import block_topk, block_topk_reference
+from tests.ops.gpu_helpers import DEVICE, HAS_CUDA, TRITON_MISSING, requires_cuda
+
+# (B, Hq, Hkv, Tq, D, Nblk, qbs, top_k)
+SHAPES = [
+    (1, 4, 2, 64, 16, 20, 16, 4),
+    (2, 4, 2, 33, 32, 50, 16, 8),  # Tq not a multiple of the query block
+    (1, 8, 2, 1, 64, 150, 1, 16),  # decode: blocks split across programs
+    (1, 4, 1, 48, 128, 90, 16, 5),  # top_k not a power of two
+]
+
+
+def _inputs(shape, kind, padded, seed=0):
+    b, hq, hkv, tq, d, nkb, qbs, k = shape
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, tq, d, generator=g)
+    s = torch.randn(b, hkv, nkb, 1 if kind == "mean" else 2, d, generator=g)
+    if kind == "minmax":
+        s = torch.stack([s.amin(3), s.amax(3)], dim=3)
+    nqb = -(-tq // qbs)
+    limit = torch.randint(nkb // 2, nkb + 1, (nqb,), generator=g)
+    sink_lo, sink_hi = torch.tensor([0] * b), torch.tensor([2] * b)
+    has_key = (torch.rand(b, nkb, generator=g) > 0.2) if padded else None
+    args = [q, s, kind, k, qbs, limit, sink_lo, sink_hi, has_key]
+    return [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def test_reference_keeps_the_best_retrievable_blocks():
+    q = torch.zeros(1, 1, 1, 4)
+    q[..., 0] = 1.0
+    s = torch.zeros(1, 1, 8, 1, 4)
+    s[0, 0, :, 0, 0] = torch.tensor([9.0, 1, 5, 7, 3, 8, 6, 2])
+    ids = block_topk_reference(q, s, "mean", 3, 1, torch.tensor([6]), torch.tensor([0]), torch.tensor([1]))
+    assert ids.flatten().tolist() == [5, 3, 2]  # block 0 is a sink, 6 and 7 are in the window
+    has_key = torch.ones(1, 8, dtype=torch.bool)
+    has_key[0, 5] = False
+    ids = block_topk_reference(q, s, "mean", 6, 1, torch.tensor([6]), torch.tensor([0]), torch.tensor([1]), has_key)
+    assert ids.flatten().tolist() == [3, 2, 4, 1, -1, -1]
+
+
+def test_bad_arguments_raise():
+    args = _inputs(SHAPES[0], "mean", False)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        block_topk(*args[:2], "max", *args[3:])
+    with pytest.raises(ValueError, match="top_k must be an int >= 1"):
+        block_topk(*args[:3], 0, *args[4:])
+    with pytest.raises(ValueError, match=r"limit must be \[Qblk=4\]"):
+        block_topk(*args[:5], args[5][:2], *args[6:])
+    with pytest.raises(ValueError, match="R>=2"):
+        block_topk(*args[:2], "minmax", *args[3:])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        block_topk(*args, backend="cuda-magic")
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["all-keys", "padded"])
+@pytest.mark.parametrize("kind", ["mean", "minmax"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"B{s[0]}-H{s[1]}-HKV{s[2]}-T{s[3]}-D{s[4]}-N{s[5]}-k{s[7]}" for s in SHAPES])
+def test_triton_equals_reference(shape, kind, padded):
+    pytest.importorskip("triton", reason=TRITON_MISSING)
+    from longattn.ops.block_topk.triton_kernel import block_topk_triton
+
+    args = _inputs(shape, kind, padded)
+    assert torch.equal(block_topk_triton(*args), block_topk_reference(*args))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_split_blocks_equal_one_program(splits):
+    pytest.importorskip("triton", reason=TRITON_MISSING)
+    from longattn.ops.block_topk.triton_kernel import block_topk_launch
+
+    args = _inputs(SHAPES[2], "mean", True, seed=3)
+    assert torch.equal(block_topk_launch(*args, num_splits=splits), block_topk_reference(*args))
+
+
+@requires_cuda
+def test_full_size_on_gpu():
+    from longattn.ops.block_topk.triton_kernel import block_topk_triton
+
+    for shape in [(1, 32, 8, 4096, 128, 2048, 16, 32), (1, 32, 8, 1, 128, 65536, 1, 64)]:
+        for kind in ("mean", "minmax"):
+            args = _inputs(shape, kind, False)
+            a, r = block_topk_triton(*args), block_topk_reference(*args)
+            # Same sets (float reduction order may swap near-ties): compare sorted ids, allow a sliver.
+            same = (a.sort(-1).values == r.sort(-1).values).float().mean()
+            assert same > 0.999
+
+
+# ------------------------------------------------------------------ the methods' fused selection path
+
+METHOD_CASES = [("moba", {"block_size": 16, "top_k": 2, "window": 32}), ("quest", {"block_size": 16, "top_k": 2, "window": 32})]
+
+
+def _select_both(name, config, tq, tk, padded, topk_backend):
+    method = longattn.get_method(name, sink_tokens=20, **config)
+    g = torch.Generator().manual_seed(7)
+    q, k = torch.randn(2, 4, tq, 16, generator=g), torch.randn(2, 2, tk, 16, generator=g)
+    key_mask = None
+    if padded:
+        key_mask = torch.ones(2, tk, dtype=torch.bool)
+        key_mask[1, :37] = False
+    index = BlockIndex(method.block_size, method.summariser())
+    summaries = index.update(k, 0, q=q)
+    ctx = SelectionContext(kv_len=tk, q_offset=tk - tq, layer=0, num_kv_heads=2, key_mask=key_mask, keys=k)
+    plain = method.select(q, summaries, ctx)
+    fused = method.fused_select(q, summaries, ctx, backend=topk_backend)
+    return method, plain, fused, tk
+
+
+@pytest.mark.parametrize("topk_backend", ["reference", "triton"])
+@pytest.mark.parametrize("padded", [False, True], ids=["all-keys", "padded"])
+@pytest.mark.parametrize("tq,tk", [(120, 120), (1, 301), (40, 301)], ids=["prefill", "decode", "chunk"])
+@pytest.mark.parametrize("name,config", METHOD_CASES, ids=[c[0] for c in METHOD_CASES])
+def test_fused_selection_equals_the_methods_own(name, config, tq, tk, padded, topk_backend):
+    if topk_backend == "triton":
+        pytest.importorskip("triton", reason=TRITON_MISSING)
+    method, plain, fused, tk = _select_both(name, config, tq, tk, padded, topk_backend)
+    nkb = -(-tk // method.block_size)
+    assert torch.equal(fused.to_mask(nkb), plain.to_mask(nkb))
+    assert torch.equal(fused.counts, plain.counts)
+    assert (fused.q_block_size, fused.kv_block_size) == (plain.q_block_size, plain.kv_block_size)
+    fused.validate(tq, tk, 4, 2, 2)
+    # Guard: the budget really leaves blocks out.
+    assert int(fused.counts[..., -1].max()) < nkb
+
+
+def test_only_triton_sessions_take_the_fused_path():
+    moba = longattn.get_method("moba")
+    ctx = SelectionContext(kv_len=64, q_offset=0, layer=0, num_kv_heads=1)
+    assert not moba.uses_fused_topk(ctx)
+    ctx.backend = "triton"
+    assert moba.uses_fused_topk(ctx)
+    assert not longattn.get_method("moba", share_kv_heads=True).uses_fused_topk(ctx)
+    assert not longattn.get_method("longheads").uses_fused_topk(ctx)  # no fused score kind

@@ -1,0 +1,157 @@
+"""The Triton block-sparse kernel against the reference operator (CPU interpreter in CI, CUDA at full size)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longattn.core.selection import Selection
+from longattn.ops import backend_function, block_sparse_attention, block_sparse_attention_reference
+from tests.ops.gpu_helpers import DEVICE, TRITON_MISSING, requires_cuda, shape_id
+from tests.ops.test_block_sparse import full_selection, make_qkv, rel_rms
+
+pytest.importorskip("triton", reason=TRITON_MISSING)
+from longattn.ops.block_sparse.triton_kernel import (  # noqa: E402
+    block_sparse_attention_triton,
+    sparse_attention_launch,
+)
+
+# (B, Hq, Hkv, Tq, Tk, D, bs, qbs): lengths not divisible by the block sizes, GQA, chunked prefill, decode.
+SMALL = [
+    (1, 4, 2, 64, 64, 16, 16, 16),
+    (2, 8, 2, 100, 100, 32, 16, 32),
+    (1, 4, 1, 200, 200, 64, 128, 64),  # a block wider than a key tile
+    (1, 4, 2, 70, 333, 64, 32, 16),  # chunked prefill: the last 70 of 333 keys
+    (1, 2, 1, 130, 130, 128, 64, 64),
+    (1, 8, 2, 1, 1000, 64, 64, 1),  # decode: split-K
+    (2, 4, 2, 1, 517, 64, 16, 1),
+]
+FULL = [  # CUDA only
+    (1, 32, 8, 4096, 4096, 128, 64, 64),
+    (1, 32, 8, 2000, 8000, 128, 16, 64),
+    (1, 8, 2, 1000, 1000, 64, 64, 64),
+    (2, 32, 8, 1, 32768, 128, 16, 1),
+    (1, 32, 8, 1, 100_000, 128, 128, 1),
+]
+DTYPES = [torch.float16, torch.bfloat16]
+TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}
+
+
+def _run(shape, dtype, pattern: str, shared: bool, seed: int = 0, key_mask: bool = False):
+    b, hq, hkv, tq, tk, d, bs, qbs = shape
+    q, k, v = (t.to(DEVICE) for t in make_qkv(b, hq, hkv, tq, tk, d, dtype, seed=seed))
+    h = hkv if shared else hq
+    nqb, nkb = -(-tq // qbs), -(-tk // bs)
+    g = torch.Generator().manual_seed(seed + 1)
+    if pattern == "random":
+        mask = torch.rand(b, h, nqb, nkb, generator=g) < 0.4
+    elif pattern == "one":
+        mask = torch.zeros(b, h, nqb, nkb, dtype=torch.bool)
+        mask[..., torch.randint(0, nkb, (1,), generator=g)] = True
+    elif pattern == "empty":
+        mask = torch.rand(b, h, nqb, nkb, generator=g) < 0.4
+        mask[:, :, ::2] = False  # every other query block selects nothing
+    else:
+        mask = torch.ones(b, h, nqb, nkb, dtype=torch.bool)
+    sel = Selection.from_mask(mask.to(DEVICE), qbs, bs)
+    km = (torch.rand(b, tk, generator=g) < 0.8).to(DEVICE) if key_mask else None
+    out, lse = block_sparse_attention_triton(q, k, v, sel, key_mask=km)
+    ref, ref_lse = block_sparse_attention_reference(q, k, v, sel, key_mask=km)
+    assert out.dtype == dtype and out.shape == q.shape and lse.dtype == torch.float32
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), empty), "rows without keys must get lse = -inf, and only those"
+    assert bool((out[empty] == 0).all())
+    if (~empty).any():
+        assert rel_rms(out[~empty], ref[~empty]) < TOL[dtype]
+        torch.testing.assert_close(lse[~empty], ref_lse[~empty], atol=2e-3, rtol=1e-3)
+    return out, ref
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-q-head", "per-kv-head"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", SMALL, ids=[shape_id(*s[:7]) for s in SMALL])
+def test_random_selection_matches_reference(shape, dtype, shared):
+    _run(shape, dtype, "random", shared)
+
+
+@pytest.mark.parametrize("pattern", ["empty", "one", "all"])
+@pytest.mark.parametrize("shape", [SMALL[1], SMALL[3], SMALL[5]], ids=[shape_id(*SMALL[i][:7]) for i in (1, 3, 5)])
+def test_edge_selections_match_reference(shape, pattern):
+    _run(shape, torch.float16, pattern, shared=False)
+
+
+def test_padding_key_mask_and_fp32():
+    _run(SMALL[1], torch.float32, "random", shared=True, key_mask=True)
+    _run(SMALL[5], torch.float32, "random", shared=False, key_mask=True)
+
+
+def test_all_blocks_equal_causal_sdpa():
+    b, hq, hkv, tq, tk, d, bs, qbs = 1, 4, 2, 70, 150, 32, 16, 16
+    q, k, v = (t.to(DEVICE) for t in make_qkv(b, hq, hkv, tq, tk, d, torch.float16, seed=4))
+    every = torch.ones(b, hq, -(-tq // qbs), -(-tk // bs), dtype=torch.bool, device=DEVICE)
+    out, _ = block_sparse_attention(q, k, v, Selection.from_mask(every, qbs, bs), backend="triton")
+    allowed = torch.arange(tk, device=DEVICE).view(1, -1) <= (tk - tq + torch.arange(tq, device=DEVICE)).view(-1, 1)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed, enable_gqa=True)
+    assert rel_rms(out, ref) < 5e-3
+
+
+def test_sparse_differs_from_dense():
+    # Guard: a small selection really drops keys (the kernel does not silently attend everything).
+    sparse, _ = _run(SMALL[1], torch.float16, "one", shared=False)
+    dense, _ = _run(SMALL[1], torch.float16, "all", shared=False)
+    assert rel_rms(sparse, dense) > 0.1
+
+
+def test_dispatch_runs_the_kernel():
+    assert backend_function("triton") is block_sparse_attention_triton
+    # Decode picks split-K by itself (more than one program per row here).
+    from longattn.ops.block_sparse.triton_kernel import default_num_splits
+
+    assert default_num_splits(1, 2, 16, DEVICE) > 1 and default_num_splits(4096, 2048, 16, DEVICE) == 1
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+def test_split_k_equals_one_program(splits):
+    b, hq, hkv, tq, tk, d, bs, qbs = SMALL[5]
+    q, k, v = (t.to(DEVICE) for t in make_qkv(b, hq, hkv, tq, tk, d, torch.float32, seed=5))
+    sel = Selection.from_mask(torch.rand(b, hkv, 1, -(-tk // bs), generator=torch.Generator().manual_seed(2)).lt(0.6)
+                              .to(DEVICE), qbs, bs)
+    one, lse1 = sparse_attention_launch(q, k, v, sel, num_splits=1)
+    many, lse_many = sparse_attention_launch(q, k, v, sel, num_splits=splits)
+    torch.testing.assert_close(many, one, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse_many, lse1, atol=1e-5, rtol=1e-5)
+
+
+def test_reads_a_strided_cache_in_place():
+    # K/V as views of a larger preallocated cache ([B, Hkv, capacity, D], only the first Tk filled).
+    b, hq, hkv, tq, tk, d, bs, qbs = SMALL[3]
+    q, k, v = (t.to(DEVICE) for t in make_qkv(b, hq, hkv, tq, tk, d, torch.float16, seed=6))
+    big_k = torch.zeros(b, hkv, tk + 50, d, dtype=k.dtype, device=DEVICE)
+    big_v = torch.zeros_like(big_k)
+    big_k[:, :, :tk], big_v[:, :, :tk] = k, v
+    sel = Selection.from_mask((torch.rand(b, hq, -(-tq // qbs), -(-tk // bs)) < 0.5).to(DEVICE), qbs, bs)
+    out, _ = block_sparse_attention(q, big_k[:, :, :tk], big_v[:, :, :tk], sel, backend="triton")
+    ref, _ = block_sparse_attention_reference(q, k, v, sel)
+    assert rel_rms(out, ref) < TOL[torch.float16]
+
+
+def test_bad_launch_geometry_raises():
+    b, hq, hkv, tq, tk, d, bs, qbs = SMALL[0]
+    q, k, v = (t.to(DEVICE) for t in make_qkv(b, hq, hkv, tq, tk, d, torch.float16))
+    sel = full_selection(b, hq, tq, tk, qbs, bs)
+    sel = Selection(sel.indices.to(DEVICE), sel.counts.to(DEVICE), qbs, bs)
+    with pytest.raises(ValueError, match="block_n must be a power of two"):
+        sparse_attention_launch(q, k, v, sel, block_n=24)
+    with pytest.raises(ValueError, match="num_splits"):
+        sparse_attention_launch(q, k, v, sel, num_splits=0)
+    with pytest.raises(ValueError, match="positions= runs on backend"):
+        block_sparse_attention(q, k, v, sel, backend="triton", positions=object())  # type: ignore[arg-type]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", FULL, ids=[shape_id(*s[:7]) for s in FULL])
+def test_full_size_on_gpu(shape, dtype):
+    _run(shape, dtype, "random", shared=True)
+    _run(shape, dtype, "random", shared=False, key_mask=True)
