@@ -9,7 +9,7 @@ import longattn
 from longattn.core.index import BlockIndex
 from longattn.methods import SelectionContext
 from longattn.ops.block_topk import block_topk, block_topk_reference
-from tests.ops.gpu_helpers import DEVICE, HAS_CUDA, TRITON_MISSING, requires_cuda
+from tests.ops.gpu_helpers import DEVICE, TRITON_MISSING, requires_cuda
 
 # (B, Hq, Hkv, Tq, D, Nblk, qbs, top_k)
 SHAPES = [

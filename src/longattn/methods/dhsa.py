@@ -11,7 +11,7 @@ from torch import Tensor
 import longattn.methods.base as base
 from longattn.core.checks import check_int
 from longattn.core.selection import window_first_block
-from longattn.methods.base import SelectionContext, TopKMethod, group_queries
+from longattn.methods.base import SelectionContext, TopKMethod
 
 
 @dataclass
