@@ -278,11 +278,15 @@ class TopKMethod(Method):
         """Whether this step selects through the fused kernel: backend "triton", a ``fused_score``, per-head
         selection at real positions, and no subclass change to how scores become a mask."""
         cls = type(self)
-        return (
+        if not (
             ctx.backend == "triton" and self.fused_score is not None and not self.share_kv_heads
             and ctx.reposition is None and cls.block_mask is TopKMethod.block_mask
             and cls.block_scores is TopKMethod.block_scores and cls.prepare is Method.prepare
-        )
+        ):
+            return False
+        from longattn.ops.block_topk import fused_topk_available
+
+        return fused_topk_available()  # an older Triton without tl.topk keeps the PyTorch selection
 
     def fused_select(self, q: Tensor, summaries: Tensor, ctx: SelectionContext, backend: str = "auto") -> Selection:
         """The Selection of :meth:`select` (static sinks + window, then the ``top_k`` best retrievable blocks)

@@ -16,6 +16,7 @@ Triton's CPU interpreter (slow; how CI tests them), otherwise they compile for C
 
 from __future__ import annotations
 
+import os
 import math
 
 import torch
@@ -29,7 +30,9 @@ from longattn.ops.block_sparse.reference import check_inputs
 LOG2E = 1.4426950408889634
 
 # Set at import, like the kernels' own compile-or-interpret choice.
-INTERPRETED = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
+INTERPRETED = (
+    bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else os.environ.get("TRITON_INTERPRET") == "1"
+)
 
 
 @triton.jit

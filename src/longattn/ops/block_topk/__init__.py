@@ -16,6 +16,15 @@ from longattn.ops.block_topk.reference import KINDS, block_topk_reference
 TOPK_BACKENDS = ("auto", "reference", "triton")
 
 
+def fused_topk_available() -> bool:
+    """Whether the installed Triton has ``tl.topk`` (Triton >= 3.4), which the fused kernel needs."""
+    if not triton_available():
+        return False
+    import triton.language as tl
+
+    return hasattr(tl, "topk")
+
+
 def block_topk(
     q: Tensor,
     summaries: Tensor,
@@ -39,10 +48,11 @@ def block_topk(
         raise ValueError(f"backend must be one of {TOPK_BACKENDS}, got {backend!r}")
     device = q.device.type
     if backend == "auto":
-        backend = "triton" if device == "cuda" and triton_available() else "reference"
+        backend = "triton" if device == "cuda" and fused_topk_available() else "reference"
     if backend == "triton":
-        if not triton_available():
-            raise ValueError("backend='triton' needs the triton package: pip install 'longattn[gpu]' (or triton)")
+        if not fused_topk_available():
+            raise ValueError("backend='triton' needs the triton package with tl.topk (triton >= 3.4): "
+                             "pip install 'longattn[gpu]'")
         if device != "cuda" and not triton_interpreted():
             raise ValueError(f"backend='triton' runs on CUDA tensors, got {device} tensors (on CPU, set "
                              "TRITON_INTERPRET=1 before importing longattn)")
@@ -51,4 +61,4 @@ def block_topk(
     return block_topk_reference(q, summaries, kind, top_k, q_block_size, limit, sink_lo, sink_hi, has_key)
 
 
-__all__ = ["KINDS", "TOPK_BACKENDS", "block_topk", "block_topk_reference"]
+__all__ = ["KINDS", "TOPK_BACKENDS", "block_topk", "block_topk_reference", "fused_topk_available"]

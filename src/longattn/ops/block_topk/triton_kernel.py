@@ -12,6 +12,7 @@ per-split candidates with one small ``topk``.
 
 from __future__ import annotations
 
+import os
 import torch
 import triton
 import triton.language as tl
@@ -19,7 +20,9 @@ from torch import Tensor
 
 from longattn.ops.block_topk.reference import check_topk_inputs
 
-INTERPRETED = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
+INTERPRETED = (
+    bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else os.environ.get("TRITON_INTERPRET") == "1"
+)
 _NO_BLOCK = -(2**63)  # the key of "no block": below every real key
 
 
