@@ -67,6 +67,7 @@ def test_bench_then_report_on_a_local_checkpoint(tmp_path):
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 4 and {r["label"] for r in lines} == {"dense", "moba"}
     assert all(r["config"]["top_k"] == 1 for r in lines if r["label"] == "moba")
+    assert all(r["backend"] == "auto" for r in lines)
     again = runner.invoke(app, args, terminal_width=200)
     assert "0 cells run, 4 already" in again.output and len(out.read_text().splitlines()) == 4
 
@@ -82,7 +83,9 @@ def test_bench_rejects_bad_arguments():
     # Every case must fail before the model loads (a valid one would start a real sweep).
     for args, word in ((["--task", "nope"], "--task"), (["--methods", "dense,dense"], "--methods"),
                        (["--methods", "dense", "--set", "moba.top_k=2"], "--set"), (["--lengths", "2x"], "lengths"),
-                       (["--haystack", "web"], "--haystack"), (["--methods", "moba", "--set", "moba.top_k=-1"], "top_k")):
+                       (["--haystack", "web"], "--haystack"), (["--methods", "moba", "--set", "moba.top_k=-1"], "top_k"),
+                       (["--device", "tpu"], "--device must be cpu or cuda"),
+                       (["--backend", "magic"], "--backend must be one of")):
         result = runner.invoke(app, ["bench", *args], terminal_width=200)
         assert result.exit_code != 0 and word in result.output, (args, result.output)
 

@@ -40,6 +40,23 @@ def _grid(lengths: str, depths: str) -> tuple[list[int], list[float]]:
         raise typer.BadParameter(str(err)) from err
 
 
+def _load(model: Optional[str], device: str, backend: str) -> tuple[Any, Any]:
+    """Load the model onto ``device`` ("cpu", or "cuda" in bfloat16), after checking ``device`` and ``backend``."""
+    import torch
+
+    import longattn
+    from longattn.ops import BACKENDS
+
+    if device not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("--device cuda: no CUDA GPU is visible to torch")
+    if backend not in BACKENDS:
+        raise typer.BadParameter(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    lm, tok = longattn.load_model(model, dtype=torch.bfloat16 if device == "cuda" else None)
+    return lm.to(device), tok
+
+
 def _parse_config(pairs: list[str]) -> dict[str, Any]:
     """``["top_k=8", "window=128"]`` -> ``{"top_k": 8, "window": 128}`` (values parsed as JSON when they can be)."""
     config: dict[str, Any] = {}
@@ -80,6 +97,8 @@ def generate(
     model: Optional[str] = typer.Option(None, help="Local checkpoint directory or .gguf file (default: embedded SmolLM2)."),
     max_new_tokens: int = typer.Option(64, min=1),
     chat: bool = typer.Option(False, help="Wrap the prompt in the tokenizer's chat template."),
+    device: str = typer.Option("cpu", help="cpu, or cuda (bfloat16; the GPU kernels run there)."),
+    backend: str = typer.Option("auto", help="Attention backend: auto, reference, cpu, triton, flex (auto: triton on cuda)."),
 ) -> None:
     """Run one greedy generation with a method and print the text, timings and density."""
     import longattn
@@ -89,11 +108,12 @@ def generate(
     chosen = longattn.get_method(method, **_parse_config(set_))
     text = prompt_file.read_text()
     with console.status("loading model"):
-        lm, tok = longattn.load_model(model)
+        lm, tok = _load(model, device, backend)
     if chat:
         text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    ids = tok(text, return_tensors="pt").input_ids
-    with console.status(f"{method}: prefill of {ids.shape[1]} tokens"), longattn.apply(lm, chosen) as session:
+    ids = tok(text, return_tensors="pt").input_ids.to(device)
+    with console.status(f"{method}: prefill of {ids.shape[1]} tokens"), \
+            longattn.apply(lm, chosen, backend=backend) as session:
         result = greedy_generate(lm, ids, max_new_tokens, tok.eos_token_id)
     console.print(tok.decode(result.tokens, skip_special_tokens=True))
     console.print(
@@ -208,9 +228,10 @@ def bench(
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="Override each task's answer length."),
     out: Path = typer.Option(Path("results.jsonl"), help="JSONL file to append to; finished cells are skipped."),
     model: Optional[str] = typer.Option(None, help="Local checkpoint directory or .gguf file (default: embedded SmolLM2)."),
+    device: str = typer.Option("cpu", help="cpu, or cuda (bfloat16; the GPU kernels run there)."),
+    backend: str = typer.Option("auto", help="Attention backend: auto, reference, cpu, triton, flex (auto: triton on cuda)."),
 ) -> None:
     """Sweep tasks x methods x lengths x depths x seeds on one model; one JSON line per cell (resumable)."""
-    import longattn
     from longattn.bench.runner import run_sweep
     from longattn.bench.tasks import TASKS
     from longattn.bench.tasks.haystack import HAYSTACKS
@@ -227,14 +248,14 @@ def bench(
     if not stacks or any(h not in HAYSTACKS for h in stacks):
         raise typer.BadParameter(f"--haystack must be repeat and/or natural, got {haystack!r}")
     with console.status("loading model"):
-        lm, tok = longattn.load_model(model)
+        lm, tok = _load(model, device, backend)
     progress = _progress(console)
     try:
         with progress:
             summary = run_sweep(
                 lm, tok, tasks=tasks, methods=chosen, lengths=sizes, depths=where, seeds=list(range(seeds)),
                 out=out, model_id=model or DEFAULT_GGUF, haystacks=stacks, recall_queries=recall_queries,
-                max_new_tokens=max_new_tokens, progress=progress,
+                max_new_tokens=max_new_tokens, progress=progress, backend=backend,
             )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err

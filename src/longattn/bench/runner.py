@@ -28,6 +28,7 @@ from longattn.bench.memory import PeakMemory
 from longattn.bench.tasks import TASKS, Example
 from longattn.bench.tasks.haystack import HAYSTACKS
 from longattn.hf import apply
+from longattn.ops.block_sparse import BACKENDS
 from longattn.methods.base import Method
 
 SCHEMA = 1
@@ -151,14 +152,14 @@ def _nll_record(nll: Tensor, eval_tokens: int) -> dict[str, Any]:
 
 
 def run_cell(model: Any, tokenizer: Any, task: ModuleType, example: Example, method: Method,
-             recall_queries: int, max_new_tokens: int) -> dict[str, Any]:
-    """Run one method on one example; returns the measured fields of the cell's record."""
+             recall_queries: int, max_new_tokens: int, backend: str = "auto") -> dict[str, Any]:
+    """Run one method on one example (attention on ``backend``); returns the measured fields of the cell's record."""
     device = next(model.parameters()).device
     ids = _encode(tokenizer, example.prompt, device)
     recorder = RecallRecorder(recall_queries) if recall_queries > 0 else None
     kind = getattr(task, "KIND", "generate")
     rec: dict[str, Any] = {"prediction": None, "score": None, "first": None, "nll": None}
-    with PeakMemory(device) as mem, apply(model, method, observer=recorder) as session:
+    with PeakMemory(device) as mem, apply(model, method, backend=backend, observer=recorder) as session:
         if kind == "nll":
             start = time.perf_counter()
             nll = token_nll(model, ids)
@@ -208,6 +209,7 @@ def run_sweep(
     recall_queries: int = 32,
     max_new_tokens: int | None = None,
     progress: Any = None,
+    backend: str = "auto",
 ) -> SweepSummary:
     """Sweep the grid and append one JSON line per cell to ``out``; cells already there are skipped.
 
@@ -219,7 +221,10 @@ def run_sweep(
         recall_queries: query rows sampled per layer for attention recall (0 turns recall off).
         max_new_tokens: tokens to generate (default: each task's ``MAX_NEW_TOKENS``).
         progress: a ``rich.progress.Progress`` to report to (None: silent).
+        backend: the attention backend every cell runs on (see :data:`longattn.ops.BACKENDS`).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"tasks {unknown} are unknown; known tasks: {', '.join(sorted(TASKS))}")
@@ -241,7 +246,7 @@ def run_sweep(
     path.parent.mkdir(parents=True, exist_ok=True)
     done = finished_keys(path)
     configs = {label: method_config(m) for label, m in methods.items()}
-    context = {"model": model_id, "hardware": hardware(), "versions": versions()}
+    context = {"model": model_id, "hardware": hardware(), "versions": versions(), "backend": backend}
 
     grid = []
     for name in tasks:
@@ -280,7 +285,8 @@ def run_sweep(
                     record.update(tokens=example.meta.get("tokens"), answer=example.answer)
                     budget = max_new_tokens or getattr(task, "MAX_NEW_TOKENS", 16)
                     try:
-                        record.update(run_cell(model, tokenizer, task, example, methods[label], recall_queries, budget))
+                        record.update(run_cell(model, tokenizer, task, example, methods[label], recall_queries, budget,
+                                                backend))
                     except Exception as err:  # one method failing must not end the sweep
                         record["error"] = f"{type(err).__name__}: {err}"
                 failed += record["error"] is not None
