@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from longattn.core.selection import Selection
 from longattn.ops import backend_function, block_sparse_attention, block_sparse_attention_reference
 from tests.ops.gpu_helpers import DEVICE, TRITON_MISSING, requires_cuda, shape_id
-from tests.ops.test_block_sparse import full_selection, make_qkv, rel_rms
+from tests.ops.test_block_sparse import full_selection, make_qkv, masked_dense, rel_rms
 
 pytest.importorskip("triton", reason=TRITON_MISSING)
 from longattn.ops.block_sparse.triton_kernel import (  # noqa: E402
@@ -155,3 +157,25 @@ def test_bad_launch_geometry_raises():
 def test_full_size_on_gpu(shape, dtype):
     _run(shape, dtype, "random", shared=True)
     _run(shape, dtype, "random", shared=False, key_mask=True)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.integers(1, 3), tk=st.integers(1, 150),
+    q_frac=st.floats(0.0, 1.0), bs=st.sampled_from([8, 16, 32, 128]), qbs=st.sampled_from([1, 16, 32]),
+    share=st.booleans(), density=st.floats(0.0, 1.0), padded=st.booleans(), seed=st.integers(0, 10_000),
+)
+def test_random_geometry_matches_masked_dense(b, hkv, group, tk, q_frac, bs, qbs, share, density, padded, seed):
+    hq = hkv * group
+    tq = max(1, round(tk * q_frac))
+    q, k, v = make_qkv(b, hq, hkv, tq, tk, 16, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, hkv if share else hq, -(-tq // qbs), -(-tk // bs), generator=g) < density
+    sel = Selection.from_mask(mask, qbs, bs)
+    key_mask = (torch.rand(b, tk, generator=g) < 0.8) if padded else None
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    out, lse = block_sparse_attention_triton(to(q), to(k), to(v), Selection(to(sel.indices), to(sel.counts), qbs, bs),
+                                             key_mask=to(key_mask))
+    ref, ref_lse = masked_dense(q, k, v, sel, key_mask)
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.cpu(), ref_lse, atol=1e-5, rtol=1e-4)

@@ -55,14 +55,15 @@ def _sparse_attn_fwd(
     split = tl.program_id(2)
     qblk = pid0 // row_tiles
     rtile = pid0 % row_tiles
-    b = bh // num_hs
+    # Offsets in int64: a 1M-token cache of 8 heads x 128 dims per batch row already spans 2^30 elements.
+    b = (bh // num_hs).to(tl.int64)
     hs = bh % num_hs
-    kvh = hs // SPK
+    kvh = (hs // SPK).to(tl.int64)
 
     # Rows of this selection head: HPS query heads x QBS tokens of the query block.
     r = rtile * BLOCK_M + tl.arange(0, BLOCK_M)
-    head = hs * HPS + r // QBS
-    tok = qblk * QBS + r % QBS
+    head = (hs * HPS + r // QBS).to(tl.int64)
+    tok = (qblk * QBS + r % QBS).to(tl.int64)
     row_ok = (r < HPS * QBS) & (tok < Tq)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
@@ -90,7 +91,7 @@ def _sparse_attn_fwd(
         slot = u // BS
         u_ok = slot < n_sel
         blk = tl.load(idx_base + slot * sis, mask=u_ok, other=0)
-        kpos = blk * BS + u % BS
+        kpos = blk.to(tl.int64) * BS + u % BS
         u_ok = u_ok & (kpos < Tk)
         if HAS_KVALID:
             u_ok = u_ok & (tl.load(KVALID + b * Tk + kpos, mask=u_ok, other=0) != 0)
@@ -118,9 +119,9 @@ def _sparse_attn_fwd(
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    o_ptr = O + b * sob + head[:, None] * soh + tok[:, None] * sot + split * sos + d[None, :] * sod
+    o_ptr = O + b * sob + head[:, None] * soh + tok[:, None] * sot + split.to(tl.int64) * sos + d[None, :] * sod
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + b * slb + head * slh + tok * slt + split * sls, lse, mask=row_ok)
+    tl.store(LSE + b * slb + head * slh + tok * slt + split.to(tl.int64) * sls, lse, mask=row_ok)
 
 
 @triton.jit
@@ -129,7 +130,7 @@ def _merge_splits(
     SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Partials are [rows, splits, D] / [rows, splits] (contiguous); out is [rows, D], lse [rows].
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, SPLITS)
     d = tl.arange(0, BLOCK_D)
     s_ok = s < num_splits

@@ -39,11 +39,11 @@ def _block_topk_kernel(
     j = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
-    b = bh // num_hq
-    h = bh % num_hq
+    b = (bh // num_hq).to(tl.int64)  # int64 offsets: summaries of a 1M-token cache are large
+    h = (bh % num_hq).to(tl.int64)
     kvh = h // G
     r = tl.arange(0, BLOCK_M)
-    tok = j * QBS + r
+    tok = (j * QBS + r).to(tl.int64)
     row_ok = (r < QBS) & (tok < Tq)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
@@ -60,7 +60,7 @@ def _block_topk_kernel(
     best = tl.full([KP], _NO_BLOCK, tl.int64)
     s_base = S + b * ssb + kvh * ssh
     for n0 in range(lo, hi, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
+        n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         ok = (n < hi) & ((n < sink_lo) | (n >= sink_hi))
         if HAS_MASK:
             ok = ok & (tl.load(HAS_KEY + b * Nblk + n, mask=ok, other=0) != 0)
@@ -81,7 +81,7 @@ def _block_topk_kernel(
         key = tl.where(ok, key, _NO_BLOCK)
         cand = tl.topk(key, KP)
         best = tl.topk(tl.reshape(tl.join(best, cand), [2 * KP]), KP)
-    out = KEYS + ((bh * num_qb + j) * SPLITS + split) * KP + tl.arange(0, KP)
+    out = KEYS + ((bh.to(tl.int64) * num_qb + j) * SPLITS + split) * KP + tl.arange(0, KP)
     tl.store(out, best)
 
 
