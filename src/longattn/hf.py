@@ -318,6 +318,10 @@ class apply:  # noqa: N801 - used as a context manager, reads like a function: `
         # RoPE variant it cannot re-rotate).
         rope = Rope.from_model(model) if method.position_policy().changes_positions else None
         self.session = Session(method, backend, observer=observer, rope=rope)
+        # A backend that cannot run on the model's device fails here, before any forward pass.
+        params = next(iter(model.parameters()), None)
+        if params is not None:
+            resolve_backend(backend, params.device.type, self.session.reposition is not None)
         self._previous: str | None = None
         self._modules: list[Any] = []
 

@@ -8,7 +8,7 @@ import torch
 import longattn
 from longattn.core.index import BlockIndex
 from longattn.methods import SelectionContext
-from longattn.ops.block_topk import block_topk, block_topk_reference
+from longattn.ops.block_topk import block_topk, block_topk_reference, fused_topk_available
 from tests.ops.gpu_helpers import DEVICE, TRITON_MISSING, requires_cuda
 
 # (B, Hq, Hkv, Tq, D, Nblk, qbs, top_k)
@@ -71,6 +71,23 @@ def test_triton_equals_reference(shape, kind, padded):
 
     args = _inputs(shape, kind, padded)
     assert torch.equal(block_topk_triton(*args), block_topk_reference(*args))
+
+
+def test_non_finite_scores_are_never_picked():
+    pytest.importorskip("triton", reason=TRITON_MISSING)
+    from longattn.ops.block_topk.triton_kernel import block_topk_triton
+
+    args = _inputs(SHAPES[0], "minmax", False, seed=5)
+    s = args[1].clone()
+    s[0, 0, 7, 1, 0] = float("nan")  # NaN bound
+    s[0, 0, 9, 0, :] = float("-inf")  # 0 * inf in a min/max bound
+    s[0, 0, 9, 1, :] = float("inf")
+    args[1] = s
+    args[3] = 20  # room for every block: only finite scores may fill it
+    ref = block_topk_reference(*args)
+    assert torch.equal(block_topk_triton(*args), ref)
+    heads_of_kv0 = ref[0, :2]
+    assert not bool((heads_of_kv0 == 7).any()) and not bool((heads_of_kv0 == 9).any())
 
 
 @pytest.mark.parametrize("splits", [1, 3])
@@ -138,6 +155,12 @@ def test_only_triton_sessions_take_the_fused_path():
     ctx = SelectionContext(kv_len=64, q_offset=0, layer=0, num_kv_heads=1)
     assert not moba.uses_fused_topk(ctx)
     ctx.backend = "triton"
-    assert moba.uses_fused_topk(ctx)
+    assert moba.uses_fused_topk(ctx) == fused_topk_available()
     assert not longattn.get_method("moba", share_kv_heads=True).uses_fused_topk(ctx)
     assert not longattn.get_method("longheads").uses_fused_topk(ctx)  # no fused score kind
+
+    class Shifted(type(moba)):  # a subclass that changes the score keeps its own selection
+        def score(self, q, summaries):
+            return super().score(q, summaries) + 1.0
+
+    assert not Shifted().uses_fused_topk(ctx)

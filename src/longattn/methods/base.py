@@ -245,6 +245,11 @@ class Method:
         return first, last
 
 
+# What TopKMethod's fused selection reproduces: scores, pooling, static blocks, eligibility, query blocks.
+_FUSED_SELECTION_PARTS = ("score", "pooled_scores", "block_scores", "block_mask", "prepare", "static_mask",
+                          "eligible_mask", "causal_block_mask", "q_block_size", "_query_span", "summariser")
+
+
 @dataclass
 class TopKMethod(Method):
     """Sinks + window + the ``top_k`` highest-scoring other blocks. Subclasses define ``score``."""
@@ -277,12 +282,14 @@ class TopKMethod(Method):
     def uses_fused_topk(self, ctx: SelectionContext) -> bool:
         """Whether this step selects through the fused kernel: backend "triton", a ``fused_score``, per-head
         selection at real positions, and no subclass change to how scores become a mask."""
+        if not (ctx.backend == "triton" and self.fused_score is not None and not self.share_kv_heads
+                and ctx.reposition is None):
+            return False
+        # The kernel reimplements these for the class that declared fused_score: a subclass that changes any
+        # of them keeps its own (PyTorch) selection.
         cls = type(self)
-        if not (
-            ctx.backend == "triton" and self.fused_score is not None and not self.share_kv_heads
-            and ctx.reposition is None and cls.block_mask is TopKMethod.block_mask
-            and cls.block_scores is TopKMethod.block_scores and cls.prepare is Method.prepare
-        ):
+        owner = next(c for c in cls.__mro__ if "fused_score" in c.__dict__)
+        if any(getattr(cls, name) is not getattr(owner, name) for name in _FUSED_SELECTION_PARTS):
             return False
         from longattn.ops.block_topk import fused_topk_available
 
@@ -383,7 +390,8 @@ def top_blocks(scores: Tensor, eligible: Tensor, k: int) -> Tensor:
     Returns:
         ``[B, H, Qblk, Nblk]`` bool.
     """
-    scores = scores.masked_fill(~eligible, float("-inf"))
+    # A non-finite score (NaN, 0 * inf in a bound) is never picked and must not take a slot from a real one.
+    scores = scores.masked_fill(~eligible | ~torch.isfinite(scores), float("-inf"))
     picked = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     k = min(k, scores.shape[-1])
     if k > 0:

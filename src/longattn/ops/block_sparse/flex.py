@@ -33,13 +33,14 @@ def flex_available() -> bool:
 def _compiled_flex() -> Callable[..., Any]:
     from torch.nn.attention.flex_attention import flex_attention
 
-    # One compiled callable per process: torch.compile caches its kernels per shape and mask structure.
-    return torch.compile(flex_attention, dynamic=False)
+    # One compiled callable per process. Dynamic shapes: decode grows the cache by one key per step, and a
+    # static compile would recompile every step until dynamo gives up and runs eagerly.
+    return torch.compile(flex_attention, dynamic=True)
 
 
 def selection_block_mask(
     selection: Selection, q_len: int, kv_len: int, num_q_heads: int, q_offset: int, causal: bool = True,
-    key_mask: Tensor | None = None, exact_mask_mod: bool = False,
+    key_mask: Tensor | None = None, exact_mask_mod: bool = True,
 ) -> Any:
     """The ``BlockMask`` of ``selection`` ``[B, H, Qblk, S]`` for queries ``[.., q_len, ..]`` at ``q_offset``.
 
@@ -49,14 +50,19 @@ def selection_block_mask(
     before ``kv_len`` and ``key_mask`` ``[B, Tk]``.
 
     Args:
-        exact_mask_mod: also test block membership inside ``mask_mod`` (a ``[B, Hq, Qblk, Nblk]`` bool lookup).
-            Eager ``flex_attention`` evaluates ``mask_mod`` on every pair and ignores the block lists, so the
-            CPU path needs it; the compiled kernel visits only the listed blocks and does not.
+        exact_mask_mod: also test block membership inside ``mask_mod`` (a ``[B, Hq, Qblk, Nblk]`` bool lookup,
+            block-level, read only in partial blocks by the fused kernel). Eager ``flex_attention`` evaluates
+            ``mask_mod`` on every pair and ignores the block lists, and torch.compile falls back to eager when
+            it hits its recompile limit, so without it a fallback would silently compute dense attention.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
     bs, qbs = selection.kv_block_size, selection.q_block_size
     idx, cnt = selection.indices, selection.counts
+    if idx.shape[2] == 1:
+        # One query block (decode, short chunks): any block height >= q_len means the same; a power of two
+        # >= 16 is one the fused kernels accept.
+        qbs = max(16, 1 << max(0, q_len - 1).bit_length())
     if idx.shape[1] != num_q_heads:
         rep = num_q_heads // idx.shape[1]
         idx, cnt = idx.repeat_interleave(rep, dim=1), cnt.repeat_interleave(rep, dim=1)
@@ -90,12 +96,16 @@ def selection_block_mask(
         member.scatter_(-1, torch.where(valid, blk, nkb), True)
         member = member[..., :nkb]
 
+    # Lengths as 0-d tensors: closed-over Python ints would be compile-time constants (a recompile per length).
+    kv_len_t = torch.tensor(kv_len, device=dev)
+    offset_t = torch.tensor(q_offset, device=dev)
+
     def mask_mod(bi: Tensor, hi: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        ok = kv_idx < kv_len
+        ok = kv_idx < kv_len_t
         if causal:
-            ok = ok & (q_idx + q_offset >= kv_idx)
+            ok = ok & (q_idx + offset_t >= kv_idx)
         if key_mask is not None:
-            ok = ok & key_mask[bi, kv_idx.clamp(max=kv_len - 1)]
+            ok = ok & key_mask[bi, torch.minimum(kv_idx, kv_len_t - 1)]
         if member is not None:
             ok = ok & member[bi, hi, q_idx // qbs, (kv_idx // bs).clamp(max=nkb - 1)]
         return ok
@@ -128,11 +138,18 @@ def block_sparse_attention_flex(
     hkv, tk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     on_gpu = q.device.type == "cuda"
-    mask = selection_block_mask(selection, tq, tk, hq, offset, causal, key_mask, exact_mask_mod=not on_gpu)
+    single = selection.num_q_blocks == 1
+    if on_gpu and (selection.kv_block_size < 16 or (selection.q_block_size < 16 and not single)):
+        raise ValueError(
+            f"backend='flex' needs kv_block_size >= 16 and q_block_size >= 16 (or one query block), got "
+            f"kv_block_size={selection.kv_block_size}, q_block_size={selection.q_block_size}; use backend='triton'"
+        )
+    mask = selection_block_mask(selection, tq, tk, hq, offset, causal, key_mask)
     kwargs: dict[str, Any] = {"block_mask": mask, "scale": scale, "enable_gqa": hq != hkv}
     if on_gpu:
         # The fused kernel's tiles must divide the mask's blocks (small key blocks need small tiles).
-        kwargs["kernel_options"] = {"BLOCK_M": min(selection.q_block_size, 128), "BLOCK_N": min(selection.kv_block_size, 64)}
+        q_tile = mask.BLOCK_SIZE[0]
+        kwargs["kernel_options"] = {"BLOCK_M": min(q_tile, 128), "BLOCK_N": min(selection.kv_block_size, 64)}
     try:  # torch >= 2.9 names the extra outputs AuxRequest; older versions take return_lse
         from torch.nn.attention.flex_attention import AuxRequest
 

@@ -145,6 +145,22 @@ def _merge_splits(
     tl.store(LSE + row, tl.where(total > 0, m_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf")))
 
 
+def tile_config(rows: int, block_d: int, ieee: bool) -> dict[str, int]:
+    """Tile sizes and launch settings of the attention kernel for ``rows`` query rows per query block.
+
+    FlashAttention-2's forward choices (128 x 64 tiles, 8 warps at D=128), smaller for fp32 and D > 128 so the
+    tiles fit in shared memory; not tuned on our gathered loads (docs/results/gpu.md). Decode-like calls get
+    16-row tiles, the least ``tl.dot`` takes.
+    """
+    block_m = min(64 if ieee or block_d > 128 else 128, max(16, triton.next_power_of_2(rows)))
+    return {
+        "BLOCK_M": block_m,
+        "BLOCK_N": 32 if ieee or block_d > 128 else 64,
+        "num_warps": 8 if block_m * block_d >= 128 * 128 else 4,
+        "num_stages": 2 if block_d > 128 else 3,
+    }
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -219,10 +235,9 @@ def sparse_attention_launch(
     # fp32 inputs get exact fp32 dots (not TF32). The interpreter computes bf16 arithmetic on raw bits, so
     # there bf16 tiles are upcast too: the same math, slower.
     ieee = q.dtype == torch.float32 or (INTERPRETED and q.dtype == torch.bfloat16)
-    if block_m is None:
-        block_m = min(64 if ieee or block_d > 128 else 128, max(16, triton.next_power_of_2(rows)))
-    if block_n is None:
-        block_n = 32 if ieee or block_d > 128 else 64
+    tiles = tile_config(rows, block_d, ieee)
+    block_m = tiles["BLOCK_M"] if block_m is None else block_m
+    block_n = tiles["BLOCK_N"] if block_n is None else block_n
     for name, val in (("block_m", block_m), ("block_n", block_n)):
         if val < 16 or val & (val - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {val}")
@@ -257,6 +272,7 @@ def sparse_attention_launch(
         HPS=hps, SPK=spk, QBS=qbs, BS=bs, D=d,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         CAUSAL=causal, HAS_KVALID=key_mask is not None, IEEE=ieee,
+        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
     )
     if num_splits > 1:
         _merge_splits[(b * hq * tq,)](

@@ -96,7 +96,8 @@ def block_topk_reference(
         sc = torch.nn.functional.pad(sc, (0, 0, 0, (last - first) * qbs - sc.shape[2]), value=float("-inf"))
         pooled = sc.view(b, hq, last - first, qbs, nkb).amax(dim=3)  # [B, Hq, C, Nblk]
         ok = ok_b.view(b, 1, 1, nkb) & (blocks.view(1, 1, 1, -1) < limit[first:last].view(1, 1, -1, 1))
-        pooled = pooled.masked_fill(~ok, float("-inf"))
+        # Non-finite scores (NaN, or +-inf from 0 * inf in a bound) are never picked and never take a slot.
+        pooled = pooled.masked_fill(~ok | ~torch.isfinite(pooled), float("-inf"))
         k = min(top_k, nkb)
         top = pooled.topk(k, dim=-1)
         ids = torch.where(torch.isfinite(top.values), top.indices, -1).to(torch.int32)

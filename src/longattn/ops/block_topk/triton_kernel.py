@@ -23,7 +23,8 @@ from longattn.ops.block_topk.reference import check_topk_inputs
 INTERPRETED = (
     bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else os.environ.get("TRITON_INTERPRET") == "1"
 )
-_NO_BLOCK = -(2**63)  # the key of "no block": below every real key
+# The key of "no block", below every real key. A constexpr: compiled kernels may not read plain globals.
+_NO_BLOCK = tl.constexpr(-(2**63))
 
 
 @triton.jit
@@ -73,7 +74,9 @@ def _block_topk_kernel(
             mean_t = tl.load(s_base + n[None, :] * ssn + d[:, None] * ssd, mask=ld, other=0.0).to(tl.float32)
             sc = tl.dot(q, mean_t, input_precision="ieee")
         sc = tl.where(row_ok[:, None], sc, float("-inf"))
-        pooled = tl.max(sc, axis=0)  # [BLOCK_N]
+        pooled = tl.max(sc, axis=0) + 0.0  # [BLOCK_N]; + 0.0 turns -0.0 into +0.0, as torch.topk ranks them
+        # A NaN or infinite score (0 * inf in a min/max bound) is not a candidate, as in the reference.
+        ok = ok & (pooled == pooled) & (tl.abs(pooled) < float("inf"))
         # Order-preserving int32 of a float: negative floats have their magnitude bits flipped.
         bits = pooled.to(tl.int32, bitcast=True)
         bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
@@ -83,6 +86,12 @@ def _block_topk_kernel(
         best = tl.topk(tl.reshape(tl.join(best, cand), [2 * KP]), KP)
     out = KEYS + ((bh.to(tl.int64) * num_qb + j) * SPLITS + split) * KP + tl.arange(0, KP)
     tl.store(out, best)
+
+
+def topk_num_stages(block_n: int, d: int, kind: str) -> int:
+    """Software-pipeline depth: one summary tile per stage is ``block_n x D`` fp32 (twice for min/max), so deep
+    pipelines of wide tiles would not fit in shared memory."""
+    return 1 if block_n * d * (2 if kind == "minmax" else 1) * 4 > 64 * 1024 else 2
 
 
 def block_topk_triton(
@@ -144,9 +153,10 @@ def block_topk_launch(
         G=hq // hkv, QBS=qbs, D=d, KP=kp, SPLITS=num_splits,
         BLOCK_M=max(16, triton.next_power_of_2(qbs)), BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
         MINMAX=kind == "minmax", HAS_MASK=has_key is not None,
+        num_stages=topk_num_stages(block_n, d, kind),
     )
     keys = keys.view(b, hq, nqb, num_splits * kp)
     if num_splits > 1 or kp > top_k:
         keys = keys.topk(min(top_k, keys.shape[-1]), dim=-1).values
     ids = (2147483647 - (keys & 0xFFFFFFFF)).to(torch.int32)
-    return torch.where(keys != _NO_BLOCK, ids, -1)[..., :top_k]
+    return torch.where(keys != _NO_BLOCK.value, ids, -1)[..., :top_k]
