@@ -96,9 +96,27 @@ class AttentionStats:
         calls: attention calls (layers x forward passes).
     """
 
-    computed_pairs: int = 0
     causal_pairs: int = 0
     calls: int = 0
+    _counted: int = field(default=0, repr=False)
+    # Counts still on the device: reading them back every layer would stall a GPU once per call.
+    _pending: list[Tensor] = field(default_factory=list, repr=False)
+
+    @property
+    def computed_pairs(self) -> int:
+        if self._pending:
+            self._counted += int(torch.stack(self._pending).sum())
+            self._pending.clear()
+        return self._counted
+
+    def add_pairs(self, pairs: "int | Tensor") -> None:
+        """Count ``pairs`` computed pairs: an int, or a 0-d int64 tensor read only when asked for."""
+        if isinstance(pairs, Tensor):
+            self._pending.append(pairs)
+            if len(self._pending) >= 1024:  # fold on the device, still without a sync
+                self._pending[:] = [torch.stack(self._pending).sum()]
+        else:
+            self._counted += int(pairs)
 
     @property
     def density(self) -> float:
@@ -106,7 +124,8 @@ class AttentionStats:
         return self.computed_pairs / self.causal_pairs if self.causal_pairs else float("nan")
 
     def reset(self) -> None:
-        self.computed_pairs = self.causal_pairs = self.calls = 0
+        self._counted = self.causal_pairs = self.calls = 0
+        self._pending.clear()
 
 
 Observer = Callable[[int, Tensor, Tensor, Selection, float, "Tensor | None"], None]
@@ -181,14 +200,14 @@ class Session:
         else:
             out, lse = fast
         out = self.method.adjust_output(out, lse, q, k, v, selection, ctx, scale)
-        self._count(tq, tk, int(selection.pairs(tq, tk).sum()) * (hq // selection.num_heads), b * hq)
+        self._count(tq, tk, selection.pairs(tq, tk).sum() * (hq // selection.num_heads), b * hq)
         if self.observer is not None:
             self.observer(layer, q, k, selection, scale, key_mask)
         return out.transpose(1, 2)  # HF reshapes [B, Tq, Hq, D] itself
 
-    def _count(self, tq: int, tk: int, computed: int, rows: int) -> None:
+    def _count(self, tq: int, tk: int, computed: "int | Tensor", rows: int) -> None:
         for stats in (self.stats, self.prefill_stats) if tq > 1 else (self.stats,):
-            stats.computed_pairs += computed
+            stats.add_pairs(computed)
             stats.causal_pairs += causal_pairs(tq, tk) * rows
             stats.calls += 1
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import longattn
 from longattn.core.index import BlockIndex
@@ -164,3 +166,28 @@ def test_only_triton_sessions_take_the_fused_path():
             return super().score(q, summaries) + 1.0
 
     assert not Shifted().uses_fused_topk(ctx)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    name=st.sampled_from(["moba", "quest"]), bs=st.sampled_from([4, 8, 16, 32]), qbs=st.sampled_from([1, 4, 16, 64]),
+    window=st.integers(0, 100), sinks=st.integers(0, 40), top_k=st.integers(0, 6), tk=st.integers(1, 260),
+    q_frac=st.floats(0.0, 1.0), pad=st.integers(0, 50), seed=st.integers(0, 1000),
+)
+def test_fused_selection_equals_the_methods_own_on_random_geometry(name, bs, qbs, window, sinks, top_k, tk, q_frac,
+                                                                   pad, seed):
+    method = longattn.get_method(name, block_size=bs, query_block_size=qbs, window=window, sink_tokens=sinks,
+                                 top_k=top_k)
+    tq = max(1, round(tk * q_frac))
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(2, 4, tq, 8, generator=g), torch.randn(2, 2, tk, 8, generator=g)
+    key_mask = None
+    if pad:
+        key_mask = torch.ones(2, tk, dtype=torch.bool)
+        key_mask[1, :min(pad, tk - 1)] = False
+    summaries = BlockIndex(bs, method.summariser()).update(k, 0, q=q)
+    ctx = SelectionContext(kv_len=tk, q_offset=tk - tq, layer=0, num_kv_heads=2, key_mask=key_mask, keys=k)
+    plain, fused = method.select(q, summaries, ctx), method.fused_select(q, summaries, ctx, backend="reference")
+    nkb = -(-tk // bs)
+    assert torch.equal(fused.to_mask(nkb), plain.to_mask(nkb)) and torch.equal(fused.counts, plain.counts)
+    fused.validate(tq, tk, 4, 2, 2)

@@ -121,22 +121,34 @@ class Selection:
                 f"needs {expected_qb}"
             )
         nblk = -(-kv_len // self.kv_block_size)
-        if self.counts.numel() and (int(self.counts.min()) < 0 or int(self.counts.max()) > s):
+        if not self.indices.numel():
+            if self.counts.numel() and bool((self.counts != 0).any()):
+                raise ValueError(f"selection counts must lie in [0, S={s}]")
+            return
+        # Every value check is computed on the device and read back once: one sync per call, not six (this
+        # runs at every attention call of every layer, and on a GPU each read-back stalls the stream).
+        idx, cnt = self.indices, self.counts
+        slots = torch.arange(s, device=idx.device)
+        valid = slots < cnt.unsqueeze(-1)
+        # A repeated block would be counted twice in the softmax.
+        ordered = torch.where(valid, idx, nblk + slots.to(torch.int32)).sort(dim=-1).values
+        bad = torch.stack([
+            (cnt.min() < 0) | (cnt.max() > s),
+            (idx.max() >= nblk) | (idx.min() < -1),
+            (valid != (idx >= 0)).any(),
+            (ordered[..., 1:] == ordered[..., :-1]).any(),
+        ]).tolist()
+        if bad[0]:
             raise ValueError(f"selection counts must lie in [0, S={s}]")
-        if self.indices.numel():
-            if int(self.indices.max()) >= nblk or int(self.indices.min()) < -1:
-                raise ValueError(
-                    f"selection indices must lie in [-1, {nblk - 1}] for kv_len={kv_len} and "
-                    f"kv_block_size={self.kv_block_size}"
-                )
-            slots = torch.arange(self.indices.shape[-1], device=self.indices.device)
-            valid = slots < self.counts.unsqueeze(-1)
-            if not torch.equal(valid, self.indices >= 0):
-                raise ValueError("selection indices must hold `counts` valid entries first, then -1 padding")
-            # A repeated block would be counted twice in the softmax.
-            ordered = torch.where(valid, self.indices, nblk + slots.to(torch.int32)).sort(dim=-1).values
-            if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
-                raise ValueError("selection indices must not repeat a key block within one query block")
+        if bad[1]:
+            raise ValueError(
+                f"selection indices must lie in [-1, {nblk - 1}] for kv_len={kv_len} and "
+                f"kv_block_size={self.kv_block_size}"
+            )
+        if bad[2]:
+            raise ValueError("selection indices must hold `counts` valid entries first, then -1 padding")
+        if bad[3]:
+            raise ValueError("selection indices must not repeat a key block within one query block")
 
     def pairs(self, q_len: int, kv_len: int, q_offset: int | None = None) -> Tensor:
         """Number of causal query-key pairs the selection computes, per head: ``[B, H]`` int64.

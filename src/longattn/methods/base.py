@@ -323,8 +323,11 @@ class TopKMethod(Method):
                              backend=backend)
         else:
             top = torch.full((b, hq, first.shape[0], 0), -1, dtype=torch.int32, device=dev)
-        ws = max(int((sink_hi - sink_lo).max()), 0)
-        ww = int((last_blk - win_lo).max()) + 1
+        # Widths from bounds, not from the tensors (reading those back would stall a GPU every call); unused
+        # slots become -1 padding. Sinks span at most ceil(S / bs) + 1 blocks from any start; the window runs
+        # from the block of first - window to that of first + qbs - 1: at most (qbs - 1 + window) // bs + 2.
+        ws = -(-self.sink_tokens // bs) + 1
+        ww = (qbs - 1 + self.window) // bs + 2
         sinks = sink_lo.view(b, 1, 1, 1) + torch.arange(ws, device=dev)  # [B, 1, 1, Ws]
         sinks = sinks.expand(b, 1, first.shape[0], ws)
         sink_ok = (sinks < sink_hi.view(b, 1, 1, 1)) & (sinks < win_lo.view(1, 1, -1, 1))
