@@ -36,6 +36,17 @@ def triton_interpreted() -> bool:
     return bool(importlib.import_module("longattn.ops.block_sparse.triton_kernel").INTERPRETED)
 
 
+def check_triton_runs(device_type: str, needs: str = "the triton package") -> None:
+    """Raise unless Triton kernels can run on ``device_type`` tensors: CUDA, or CPU in Triton's interpreter."""
+    if not triton_available():
+        raise ValueError(f"backend='triton' needs {needs}: pip install 'longattn[gpu]'")
+    if device_type != "cuda" and not triton_interpreted():
+        raise ValueError(
+            f"backend='triton' runs on CUDA tensors, got {device_type} tensors (on CPU, set TRITON_INTERPRET=1 "
+            "before importing longattn to run the kernels in Triton's interpreter, slowly)"
+        )
+
+
 def resolve_backend(backend: str, device_type: str, positions: bool = False) -> str:
     """The backend "auto" stands for on ``device_type``; a forced backend that cannot run raises.
 
@@ -55,13 +66,7 @@ def resolve_backend(backend: str, device_type: str, positions: bool = False) -> 
     if positions and backend != "reference":
         raise ValueError(f"positions= runs on backend 'reference' or 'auto' (only the reference re-rotates keys), not {backend!r}")
     if backend == "triton":
-        if not triton_available():
-            raise ValueError("backend='triton' needs the triton package: pip install 'longattn[gpu]' (or triton)")
-        if device_type != "cuda" and not triton_interpreted():
-            raise ValueError(
-                f"backend='triton' runs on CUDA tensors, got {device_type} tensors (on CPU, set TRITON_INTERPRET=1 "
-                "before importing longattn to run the kernels in Triton's interpreter, slowly)"
-            )
+        check_triton_runs(device_type)
     if backend == "flex":
         from longattn.ops.block_sparse.flex import flex_available
 

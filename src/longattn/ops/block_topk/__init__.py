@@ -10,7 +10,7 @@ import importlib
 
 from torch import Tensor
 
-from longattn.ops.block_sparse import triton_available, triton_interpreted
+from longattn.ops.block_sparse import check_triton_runs, triton_available
 from longattn.ops.block_topk.reference import KINDS, block_topk_reference
 
 TOPK_BACKENDS = ("auto", "reference", "triton")
@@ -50,12 +50,9 @@ def block_topk(
     if backend == "auto":
         backend = "triton" if device == "cuda" and fused_topk_available() else "reference"
     if backend == "triton":
+        check_triton_runs(device, "the triton package with tl.topk (triton >= 3.4)")
         if not fused_topk_available():
-            raise ValueError("backend='triton' needs the triton package with tl.topk (triton >= 3.4): "
-                             "pip install 'longattn[gpu]'")
-        if device != "cuda" and not triton_interpreted():
-            raise ValueError(f"backend='triton' runs on CUDA tensors, got {device} tensors (on CPU, set "
-                             "TRITON_INTERPRET=1 before importing longattn)")
+            raise ValueError("backend='triton' needs tl.topk (triton >= 3.4): pip install -U 'longattn[gpu]'")
         fn = importlib.import_module("longattn.ops.block_topk.triton_kernel").block_topk_triton
         return fn(q, summaries, kind, top_k, q_block_size, limit, sink_lo, sink_hi, has_key)
     return block_topk_reference(q, summaries, kind, top_k, q_block_size, limit, sink_lo, sink_hi, has_key)

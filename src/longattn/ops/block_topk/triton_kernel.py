@@ -12,17 +12,15 @@ per-split candidates with one small ``topk``.
 
 from __future__ import annotations
 
-import os
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from longattn.ops.block_sparse.triton_kernel import INTERPRETED
 from longattn.ops.block_topk.reference import check_topk_inputs
 
-INTERPRETED = (
-    bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else os.environ.get("TRITON_INTERPRET") == "1"
-)
+
 # The key of "no block", below every real key. A constexpr: compiled kernels may not read plain globals.
 _NO_BLOCK = tl.constexpr(-(2**63))
 
