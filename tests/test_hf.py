@@ -144,7 +144,7 @@ def test_cropped_cache_continues_like_a_fresh_run():
 
 
 @pytest.mark.parametrize("name", ["moba", "streaming"])
-def test_triton_backend_through_apply_equals_reference(name):
+def test_triton_backend_through_apply_equals_reference(name, monkeypatch):
     """The whole path on backend "triton" (CUDA, or Triton's interpreter on CPU): fused block top-k (moba,
     quest) and the fused attention kernel, prefill and split-K decode, equal the reference backend."""
     pytest.importorskip("triton", reason="triton is not installed (the test extra installs it on Linux x86_64)")
@@ -153,6 +153,11 @@ def test_triton_backend_through_apply_equals_reference(name):
     ids = torch.randint(0, 256, (2, 120), generator=torch.Generator().manual_seed(3)).to(device)
     config = {"block_size": 16, "window": 32, "sink_tokens": 4} | ({"top_k": 2} if name != "streaming" else {})
     method = longattn.get_method(name, **config)
+    import longattn.ops.block_topk as topk_ops
+
+    topk_calls = []
+    real_topk = topk_ops.block_topk
+    monkeypatch.setattr(topk_ops, "block_topk", lambda *a, **kw: topk_calls.append(kw["backend"]) or real_topk(*a, **kw))
     runs = {}
     for backend in ("reference", "triton"):
         with torch.no_grad(), longattn.apply(model, method, backend=backend) as session:
@@ -162,6 +167,11 @@ def test_triton_backend_through_apply_equals_reference(name):
     torch.testing.assert_close(runs["triton"][0], runs["reference"][0], atol=1e-4, rtol=1e-4)
     assert torch.equal(runs["triton"][1], runs["reference"][1])
     assert runs["triton"][2] == runs["reference"][2] < 1.0  # really sparse
+    # MoBA selected through the fused Triton top-k on backend "triton" (and only there), in prefill and decode.
+    if name == "moba":  # 2 layers x (prefill + 2 decode steps)
+        assert len(topk_calls) >= 6 and set(topk_calls) == {"triton"}
+    else:
+        assert topk_calls == []
     with torch.no_grad():
         dense = model(ids).logits
     assert (runs["triton"][0] - dense).abs().max() > 1e-3
