@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from longattn.core.selection import Selection
+from longattn.ops.block_sparse import check_triton_runs
 from longattn.ops.block_sparse.reference import check_inputs
 
 LOG2E = 1.4426950408889634
@@ -167,13 +168,17 @@ def _sm_count(device: torch.device) -> int:
     return 4  # the interpreter: a few splits, so tests exercise the merge
 
 
-def default_num_splits(q_rows: int, programs: int, max_tiles: int, device: torch.device) -> int:
-    """Splits per row tile for decode-like calls: enough programs to fill the GPU twice over, at least one
-    key tile each; prefill (many query blocks) already fills it and gets 1."""
-    if q_rows > 16 or max_tiles <= 1:
-        return 1
+def fill_splits(programs: int, max_tiles: int, device: torch.device) -> int:
+    """Programs to split each of ``programs`` scans of up to ``max_tiles`` tiles into (split-K): enough to fill
+    the GPU twice over, at least one tile each, at most 64. Shared by the attention and block top-k kernels."""
     want = -(-2 * _sm_count(device) // max(programs, 1))
     return max(1, min(want, max_tiles, 64))
+
+
+def default_num_splits(q_rows: int, programs: int, max_tiles: int, device: torch.device) -> int:
+    """Splits per row tile for decode-like calls (:func:`fill_splits`); prefill (more than 16 query rows) gets
+    1: its query blocks already fill the GPU, and splits would cost fp32 partials per row."""
+    return 1 if q_rows > 16 else fill_splits(programs, max_tiles, device)
 
 
 def block_sparse_attention_triton(
@@ -216,11 +221,7 @@ def sparse_attention_launch(
         block_m, block_n: query rows / keys per tile (powers of two, >= 16).
     """
     offset = check_inputs(q, k, v, selection, key_mask, q_offset)
-    if q.device.type != "cuda" and not INTERPRETED:
-        raise ValueError(
-            f"backend='triton' runs on CUDA tensors, got {q.device.type} tensors (on CPU, set TRITON_INTERPRET=1 "
-            "before importing longattn to run the kernels in Triton's interpreter)"
-        )
+    check_triton_runs(q.device.type)
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     if d > 256:

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from longattn.ops.block_sparse.triton_kernel import INTERPRETED
+from longattn.ops.block_sparse import check_triton_runs
+from longattn.ops.block_sparse.triton_kernel import fill_splits
 from longattn.ops.block_topk.reference import check_topk_inputs
 
 
@@ -124,9 +125,7 @@ def block_topk_launch(
 ) -> Tensor:
     """:func:`block_topk_triton` with the launch geometry exposed (tests force splits and tile widths)."""
     check_topk_inputs(q, summaries, kind, top_k, q_block_size, limit, sink_lo, sink_hi, has_key)
-    if q.device.type != "cuda" and not INTERPRETED:
-        raise ValueError(f"the Triton block top-k runs on CUDA tensors, got {q.device.type} tensors (on CPU, set "
-                         "TRITON_INTERPRET=1 before importing longattn)")
+    check_triton_runs(q.device.type)
     b, hq, tq, d = q.shape
     hkv, nkb = summaries.shape[1], summaries.shape[2]
     qbs = q_block_size
@@ -138,8 +137,7 @@ def block_topk_launch(
         raise ValueError(f"block_n must be a power of two >= max(16, next_pow2(top_k)={kp}), got {block_n}")
     if num_splits is None:
         # Decode scans every block for one query: split the blocks so that the GPU fills.
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else 2
-        num_splits = 1 if nqb * b * hq >= 2 * sms else max(1, min(-(-nkb // block_n), -(-2 * sms // (nqb * b * hq))))
+        num_splits = fill_splits(nqb * b * hq, -(-nkb // block_n), q.device)
     per_split = -(-nkb // num_splits)
     keys = torch.empty((b, hq, nqb, num_splits, kp), dtype=torch.int64, device=q.device)
     has = has_key.to(torch.uint8).contiguous() if has_key is not None else q.new_ones(1, dtype=torch.uint8)
