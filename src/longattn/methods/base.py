@@ -188,10 +188,7 @@ class Method:
         blocks = torch.arange(nkb, device=first.device).view(1, 1, -1)  # [1, 1, Nblk]
         lo = window_first_block(first, self.window, bs)
         window = (blocks >= lo.view(1, -1, 1)) & (blocks <= (last // bs).view(1, -1, 1))  # [1, Qblk, Nblk]
-        start = torch.zeros(1, dtype=torch.long, device=first.device)
-        if ctx.key_mask is not None:
-            start = ctx.key_mask.int().argmax(dim=1)  # first valid key of each row: [B]
-        start = start.view(-1, 1, 1)
+        start = self._first_keys(ctx).view(-1, 1, 1)
         sinks = (blocks >= start // bs) & (blocks * bs < start + self.sink_tokens)  # [B or 1, 1, Nblk]
         causal = blocks <= (last // bs).view(1, -1, 1)
         return ((sinks & causal) | window).unsqueeze(1)
@@ -210,12 +207,24 @@ class Method:
         """
         nkb = -(-ctx.kv_len // self.block_size)
         eligible = self.causal_block_mask(q_len, ctx, qbs) & ~static
-        if ctx.key_mask is not None:
-            b = ctx.key_mask.shape[0]
-            pad = nkb * self.block_size - ctx.kv_len
-            has_key = torch.nn.functional.pad(ctx.key_mask, (0, pad)).view(b, nkb, -1).any(-1)
-            eligible = eligible & has_key.view(b, 1, 1, nkb)
+        has_key = self._blocks_with_keys(ctx)
+        if has_key is not None:
+            eligible = eligible & has_key.view(has_key.shape[0], 1, 1, nkb)
         return eligible
+
+    def _first_keys(self, ctx: SelectionContext) -> Tensor:
+        """Position of each row's first valid key (after left padding): ``[B]``, or ``[1]`` zeros without a mask."""
+        if ctx.key_mask is None:
+            return torch.zeros(1, dtype=torch.long, device=ctx.device)
+        return ctx.key_mask.int().argmax(dim=1)
+
+    def _blocks_with_keys(self, ctx: SelectionContext) -> Tensor | None:
+        """``[B, Nblk]`` bool, False for blocks of padding only; None when every key is valid."""
+        if ctx.key_mask is None:
+            return None
+        b, nkb = ctx.key_mask.shape[0], -(-ctx.kv_len // self.block_size)
+        pad = nkb * self.block_size - ctx.kv_len
+        return torch.nn.functional.pad(ctx.key_mask, (0, pad)).view(b, nkb, -1).any(-1)
 
     def checked_summaries(self, summaries: Tensor | None, batch: int, ctx: SelectionContext) -> Tensor:
         """``summaries`` ``[B, Hkv, Nblk, R, D]`` of this step, or a clear error naming the expected shape."""
@@ -308,12 +317,8 @@ class TopKMethod(Method):
         dev = q.device
         first, last = self._query_span(tq, ctx, qbs)
         win_lo, last_blk = window_first_block(first, self.window, bs), last // bs  # [Qblk]
-        start = torch.zeros(b, dtype=torch.long, device=dev)
-        has_key = None
-        if ctx.key_mask is not None:
-            start = ctx.key_mask.int().argmax(dim=1)
-            pad = nkb * bs - ctx.kv_len
-            has_key = torch.nn.functional.pad(ctx.key_mask, (0, pad)).view(b, nkb, -1).any(-1)
+        start = self._first_keys(ctx).to(dev).expand(b)
+        has_key = self._blocks_with_keys(ctx)
         # Same sinks as static_mask: blocks from the first valid key's up to the one holding sink token S-1.
         sink_lo, sink_hi = start // bs, -(-(start + self.sink_tokens) // bs)
         if backend == "auto":
