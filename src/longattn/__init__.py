@@ -3,8 +3,9 @@
 Every head keeps the attention sinks and a local window and retrieves only the key blocks its query needs.
 """
 
-from longattn.analysis.heads import HeadProfile, profile_heads
+from longattn.bench.profiling import profile_heads
 from longattn.core import BlockIndex, Selection
+from longattn.core.profile import HeadProfile
 from longattn.hf import AttentionStats, Session, apply, load_model
 from longattn.methods import Method, SelectionContext, get_method, list_methods
 from longattn.ops import block_sparse_attention, merge_attention

@@ -3,22 +3,16 @@ profiles round-trip and refuse what they cannot serve."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
 import longattn
-from longattn.analysis.heads import (
-    SCHEMA_VERSION,
-    HeadProfile,
-    HeadRecorder,
-    copy_hits,
-    local_mass,
-    model_identity,
-    sampled_attention,
-)
+from longattn.analysis.heads import HeadRecorder
+from longattn.bench.profiling import copy_hits
+from longattn.core.profile import SCHEMA_VERSION, HeadProfile, model_identity
+from longattn.ops.sampled import local_mass, sampled_attention
 from longattn.core.selection import Selection
 from tests.conftest import tiny_model
 
@@ -146,59 +140,8 @@ def test_sampled_attention_equals_dense_softmax_rows():
 # ------------------------------------------------------------------------------------------------- profile
 
 
-def _profile(model, **changes) -> HeadProfile:
-    ident = model_identity(model)
-    layers, heads = ident["num_layers"], ident["num_heads"]
-    grid = [[0.01 * (layer * heads + h) for h in range(heads)] for layer in range(layers)]
-    data = dict(model=ident, settings={"retrieval_threshold": 0.05}, retrieval=grid, streaming=grid,
-                hidden_sink_mass=grid, initial_sink_mass=grid)
-    data.update(changes)
-    return HeadProfile(**data)
-
-
-def test_profile_round_trips_through_json(tmp_path):
-    model = tiny_model("llama")
-    profile = _profile(model)
-    loaded = HeadProfile.load(profile.save(tmp_path / "p.json"))
-    assert loaded == profile
-    assert loaded.classes[1][3] == "retrieval" and loaded.classes[0][0] == "mixed"
-    loaded.check_model(model)
-
-
-def test_profile_rejects_another_schema_version(tmp_path):
-    path = _profile(tiny_model("llama")).save(tmp_path / "p.json")
-    data = json.loads(path.read_text())
-    data["schema_version"] = SCHEMA_VERSION + 1
-    path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="schema_version"):
-        HeadProfile.load(path)
-    path.write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        HeadProfile.load(path)
-
-
-def test_profile_rejects_a_model_with_other_head_counts():
-    profile = _profile(tiny_model("llama"))
-    other = tiny_model("llama", num_hidden_layers=3)
-    with pytest.raises(ValueError, match="2 layers x 4 heads"):
-        profile.check_model(other)
-    with pytest.raises(ValueError, match="profile this model"):
-        longattn.apply(other, longattn.get_method("duo", profile=profile, threshold=0.05))
-
-
-def test_profile_rejects_scores_of_the_wrong_shape():
-    model = tiny_model("llama")
-    with pytest.raises(ValueError, match="retrieval must be"):
-        _profile(model, retrieval=[[0.0] * 4])
-
-
-def test_heatmap_writes_a_png(tmp_path):
-    path = _profile(tiny_model("llama")).heatmap(tmp_path / "r.png")
-    assert path.read_bytes()[:4] == b"\x89PNG"
-
-
 def test_sink_map_plot_labels_the_planted_sink(tmp_path):
-    from longattn.analysis.heads import plot_sink_map
+    from longattn.bench.figures import sink_map
 
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(1, 1, 512, 16, generator=g) * 0.1, torch.randn(1, 1, 512, 16, generator=g) * 0.1
@@ -206,7 +149,7 @@ def test_sink_map_plot_labels_the_planted_sink(tmp_path):
     k[0, 0, 137, 0], q[0, 0, :, 0] = 3.0, 3.0
     recorder = HeadRecorder(window=64)
     recorder(0, q, k, Selection.from_mask(torch.ones(1, 1, 32, 32, dtype=torch.bool), 16, 16), 1.0)
-    path = plot_sink_map(recorder, [(0, 0)], [f"t{i}" for i in range(512)], tmp_path / "s.png")
+    path = sink_map(recorder, [(0, 0)], [f"t{i}" for i in range(512)], tmp_path / "s.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="layer 3"):
-        plot_sink_map(recorder, [(3, 0)], [], tmp_path / "x.png")
+        sink_map(recorder, [(3, 0)], [], tmp_path / "x.png")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import longattn
-from longattn.analysis.heads import HeadProfile, model_identity
+from longattn.core.profile import HeadProfile, model_identity
 from longattn.methods import SelectionContext
 from longattn.ops import block_sparse_attention
 from tests.conftest import tiny_model

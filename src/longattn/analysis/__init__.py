@@ -1,8 +1,11 @@
-"""Instruments: measure what a method keeps of dense attention, on real activations."""
+"""Instruments: measure what a method keeps of dense attention, on real activations.
 
-from longattn.analysis.heads import HeadProfile, HeadRecorder, copy_hits, profile_heads
-from longattn.analysis.recall import RecallRecorder, attention_recall, sample_positions
+Recorders are observers for :func:`longattn.apply`; they import only from core and ops. The driver that runs
+prompts through a model to fill a HeadProfile is :func:`longattn.bench.profiling.profile_heads`.
+"""
 
-__all__ = [
-    "HeadProfile", "HeadRecorder", "RecallRecorder", "attention_recall", "copy_hits", "profile_heads", "sample_positions",
-]
+from longattn.analysis.heads import HeadRecorder, retrieval_hits
+from longattn.analysis.recall import RecallRecorder, attention_recall
+from longattn.ops.sampled import sample_positions
+
+__all__ = ["HeadRecorder", "RecallRecorder", "attention_recall", "retrieval_hits", "sample_positions"]

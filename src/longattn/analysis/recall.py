@@ -13,21 +13,10 @@ import torch
 from torch import Tensor
 
 from longattn.core.selection import Selection
+from longattn.ops.sampled import sample_positions, sampled_attention
 
 # Scores of one chunk of sampled queries are [B, Hq, n, Tk]; bounding n keeps a 128k-token prompt in ~100 MB.
 _CHUNK_ELEMENTS = 1 << 24
-
-
-def sample_positions(q_len: int, num: int, device: torch.device | str = "cpu") -> Tensor:
-    """``num`` query rows evenly spread over ``[0, q_len)``, always including the last one: ``[n]`` int64.
-
-    The rows are ``(i + 1) * q_len // num - 1``, so early rows (which every method sees densely, their whole
-    past sits in the local window) are no more frequent than late ones. Fewer rows come back when ``q_len < num``.
-    """
-    if num < 1:
-        raise ValueError(f"num must be >= 1, got {num}")
-    rows = (torch.arange(1, num + 1, device=device) * q_len) // num - 1
-    return rows.clamp(min=0).unique()
 
 
 def attention_recall(
@@ -61,19 +50,11 @@ def attention_recall(
     group = hq // hkv
     nblk = -(-tk // selection.kv_block_size)
     block_of_key = torch.arange(tk, device=q.device) // selection.kv_block_size  # [Tk]
-    offset = tk - tq
     step = max(1, _CHUNK_ELEMENTS // max(1, b * hq * tk))
     out = []
     for first in range(0, positions.numel(), step):
         rows = positions[first : first + step]
-        n = rows.numel()
-        qs = q[:, :, rows].float().view(b, hkv, group, n, d)
-        scores = torch.einsum("bhgnd,bhkd->bhgnk", qs, k.float()).reshape(b, hq, n, tk) * scale
-        visible = torch.arange(tk, device=q.device).view(1, -1) <= (offset + rows).view(-1, 1)  # [n, Tk]
-        visible = visible.view(1, 1, n, tk)
-        if key_mask is not None:
-            visible = visible & key_mask.view(b, 1, 1, tk)
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+        probs = sampled_attention(q, k, scale, rows, key_mask)  # [B, Hq, n, Tk]
         # Only the sampled rows' query blocks become masks: the whole [Qblk, Nblk] mask grows as T^2.
         qb = rows // selection.q_block_size
         picked = Selection(selection.indices[:, :, qb], selection.counts[:, :, qb], 1, selection.kv_block_size)

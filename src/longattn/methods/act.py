@@ -9,10 +9,10 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
-from longattn.analysis.heads import HeadProfile, as_profile, sampled_attention, sink_ratio
-from longattn.analysis.recall import sample_positions
+from longattn.core.profile import HeadProfile, as_profile
 from longattn.core.selection import Selection
 from longattn.methods.base import Method, SelectionContext
+from longattn.ops.sampled import sample_positions, sampled_attention, sink_ratio
 
 # Membership of sinks in a chunk of query blocks' selections is [B, H, Qblk, S, sinks]: bounded per chunk.
 _CHUNK_ELEMENTS = 1 << 24

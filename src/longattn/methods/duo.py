@@ -10,7 +10,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
-from longattn.analysis.heads import HeadProfile, as_profile, model_identity
+from longattn.core.profile import HeadProfile, as_profile, model_identity
 from longattn.core.selection import Selection
 from longattn.methods.base import Method, SelectionContext
 from longattn.ops.block_sparse import block_sparse_attention
@@ -23,7 +23,7 @@ UNITS = ("kv_head", "query_head")
 class Duo(Method):
     """Full attention (or a selector's top-k) for retrieval heads, sinks + local window for the rest.
 
-    Which heads retrieve comes from a :class:`~longattn.analysis.heads.HeadProfile` (``longattn heads
+    Which heads retrieve comes from a :class:`~longattn.core.profile.HeadProfile` (``longattn heads
     profile``), keeping either the heads whose retrieval score reaches ``threshold`` or the top
     ``retrieval_share`` of heads; or from an explicit ``retrieval_heads`` list. By default a unit is a KV
     head (its score is the max over its query heads): a streaming KV head then needs only its sinks and

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from longattn.core.checks import check_int
 from longattn.methods.base import Method, SelectionContext, group_queries, top_blocks
+from longattn.ops.sampled import sampled_attention
 
 
 @dataclass(frozen=True)
@@ -93,14 +94,12 @@ class FlexPrefill(Method):
         n = min(self.q_block_size(tq), tq)
         pos = ctx.q_offset + tq - n + torch.arange(n, device=q.device)  # [n] absolute query positions
         g = group_queries(q[:, :, -n:], hkv)  # [B, Hkv, G, n, D]
-        keys = self.raw_keys(ctx).float()
         # True attention of the last query block: n x Tk per head, linear in the context.
-        logits = torch.einsum("bhgnd,bhkd->bhgnk", g, keys) / math.sqrt(d)
+        rows = torch.arange(tq - n, tq, device=q.device)
+        attn = sampled_attention(q, self.raw_keys(ctx), 1 / math.sqrt(d), rows, ctx.key_mask)  # [B, Hq, n, Tk]
         visible = torch.arange(tk, device=q.device).view(1, -1) <= pos.view(-1, 1)  # [n, Tk]
         if ctx.key_mask is not None:
             visible = visible & ctx.key_mask.view(b, 1, 1, 1, tk)
-        attn = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-        attn = attn.reshape(b, hq, n, tk)
 
         true = _block_sums(attn.sum(2), bs)  # [B, Hq, Nblk]: column mass summed per key block
         true = true / true.sum(-1, keepdim=True).clamp_min(1e-30)
