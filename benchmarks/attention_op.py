@@ -1,4 +1,4 @@
-"""Block-sparse attention (reference and fused-CPU backends) vs dense causal SDPA on CPU.
+"""Block-sparse attention (the gather and fused-CPU backends) vs dense causal SDPA on CPU.
 
     python benchmarks/attention_op.py [--lengths 4096,8192,16384] [--density 0.1] [--repeats 3]
 
@@ -81,16 +81,16 @@ def main() -> None:
           f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     print(f"# B={B} Hq={HQ} Hkv={HKV} D={D} float32, block {args.block}, target density {args.density}, "
           f"best of {args.repeats}; peak = max RSS above the inputs")
-    print("| tokens | density | sdpa s | reference s | cpu s | reference speed-up | cpu speed-up "
-          "| sdpa peak MiB | reference peak MiB | cpu peak MiB |")
+    print("| tokens | density | sdpa s | gather s | cpu s | gather speed-up | cpu speed-up "
+          "| sdpa peak MiB | gather peak MiB | cpu peak MiB |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for t in [int(x) for x in args.lengths.split(",")]:
         res = {}
-        for op in ("sdpa", "reference", "cpu"):
+        for op in ("sdpa", "gather", "cpu"):
             cmd = [sys.executable, __file__, "--worker", op, str(t), "--density", str(args.density),
                    "--block", str(args.block), "--repeats", str(args.repeats)]
             res[op] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-        d, r, c = res["sdpa"], res["reference"], res["cpu"]
+        d, r, c = res["sdpa"], res["gather"], res["cpu"]
         print(f"| {t} | {c['density']:.3f} | {d['seconds']:.3f} | {r['seconds']:.3f} | {c['seconds']:.3f} | "
               f"{d['seconds'] / r['seconds']:.2f}x | {d['seconds'] / c['seconds']:.2f}x | {d['peak_mib']:.0f} | "
               f"{r['peak_mib']:.0f} | {c['peak_mib']:.0f} |", flush=True)

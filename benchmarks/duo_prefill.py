@@ -3,7 +3,7 @@
     python benchmarks/duo_prefill.py [--lengths 2k,4k,8k] [--share 0.25] [--repeats 2]
 
 `duo` (its fast path: full KV heads through fused SDPA, streaming heads through the block-sparse operator),
-the same `duo` forced onto the operator for every head (`backend="reference"`), and `streaming`, each timed
+the same `duo` forced onto the operator for every head (`backend="gather"`), and `streaming`, each timed
 on the whole 30-layer forward pass of one niah_single prompt (median of --repeats), with the ratio to dense
 SDPA measured in the same run. The profile is docs/results/heads/smollm2_profile.json.
 """
@@ -45,7 +45,7 @@ def main() -> None:
     common = dict(sink_tokens=4, window=256)
     duo = longattn.get_method("duo", profile=profile, retrieval_share=args.share, **common)
     rows = [("dense (SDPA)", longattn.get_method("dense"), "auto"), (f"duo {args.share:.0%} fast path", duo, "auto"),
-            (f"duo {args.share:.0%} operator only", duo, "reference"),
+            (f"duo {args.share:.0%} operator only", duo, "gather"),
             ("streaming", longattn.get_method("streaming", **common), "auto")]
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| tokens | method | density | prefill s | vs dense | KV a head-aware cache holds |")

@@ -35,8 +35,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import longattn
-from longattn.analysis.heads import HeadProfile
-from longattn.bench.report import interval
+from longattn.core.profile import HeadProfile
+from longattn.bench.results import interval
 from longattn.bench.runner import run_sweep
 from longattn.hf import DEFAULT_GGUF
 
@@ -52,7 +52,7 @@ ACT = dict(task="niah_multikey", length=2048, depths=[0.25, 0.5, 0.75], seeds=li
 def masked(profile: HeadProfile, heads: list[tuple[int, int]]) -> longattn.Method:
     """Every query head dense except ``heads``, which keep 4 sinks + a 64-token window."""
     keep = tuple((l, h) for l in range(profile.num_layers) for h in range(profile.num_heads) if (l, h) not in heads)
-    return longattn.get_method("duo", retrieval_heads=keep, unit="query_head", block_size=16, sink_tokens=4,
+    return longattn.get_method("duo", retrieval_heads=keep, granularity="query_head", block_size=16, sink_tokens=4,
                                window=64)
 
 
@@ -81,8 +81,8 @@ def duo_sweep_methods(profile: HeadProfile) -> dict[str, longattn.Method]:
     return {
         "duo 10%": longattn.get_method("duo", profile=profile, retrieval_share=0.10, **common),
         "duo 50%": longattn.get_method("duo", profile=profile, retrieval_share=0.50, **common),
-        "duo 25% + moba": longattn.get_method("duo", profile=profile, retrieval_share=DUO["share"], selector="moba",
-                                             selector_config={"block_size": 64, "top_k": 8}, **common),
+        "duo 25% + moba": longattn.get_method("duo", profile=profile, retrieval_share=DUO["share"], selector=longattn.get_method("moba", block_size=64, top_k=8),
+                                             **common),
     }
 
 
@@ -99,15 +99,17 @@ def duo_methods(profile: HeadProfile) -> dict[str, longattn.Method]:
 def act_methods(profile: HeadProfile) -> dict[str, longattn.Method]:
     return {
         "dense": longattn.get_method("dense"),
-        "act (all heads)": longattn.get_method("act", base_config={"use_sdpa": False}),
-        "act (profile sink heads)": longattn.get_method("act", base_config={"use_sdpa": False}, profile=profile),
+        "act (all heads)": longattn.get_method("act"),
+        "act (profile sink heads)": longattn.get_method("act", profile=profile),
     }
 
 
 def sink_map_figure(model: object, tok: object, profile: HeadProfile, path: Path) -> Path:
     """Far attention received per token on one 1k natural-text needle prompt, for the strongest hidden-sink
     head, the strongest retrieval head and the most local head of the profile."""
-    from longattn.analysis.heads import HeadRecorder, copy_hits, encode_needle_prompt, plot_sink_map
+    from longattn.analysis.heads import HeadRecorder
+    from longattn.bench.figures import sink_map
+    from longattn.bench.profiling import copy_hits, encode_needle_prompt
     from longattn.bench.tasks import niah_single
 
     ids, span = encode_needle_prompt(tok, niah_single.make(tok, 1024, 0.5, 0, haystack="natural"))
@@ -118,15 +120,14 @@ def sink_map_figure(model: object, tok: object, profile: HeadProfile, path: Path
         flat = int(pick(profile.scores(name).flatten()))
         heads.append((flat // profile.num_heads, flat % profile.num_heads))
     tokens = [tok.decode([t]) for t in ids[0].tolist()]
-    return plot_sink_map(recorder, heads, tokens, path)
+    return sink_map(recorder, heads, tokens, path)
 
 
 def act_gentle_methods(profile: HeadProfile) -> dict[str, longattn.Method]:
     """Milder calibration after the first act run lost accuracy: a weaker factor, or only the strongest sink heads."""
     return {
-        "act factor 0.8 (all heads)": longattn.get_method("act", base_config={"use_sdpa": False}, factor=0.8),
-        "act (heads with sink mass >= 0.5)": longattn.get_method("act", base_config={"use_sdpa": False},
-                                                                 profile=profile, min_sink_mass=0.5),
+        "act factor 0.8 (all heads)": longattn.get_method("act", factor=0.8),
+        "act (heads with sink mass >= 0.5)": longattn.get_method("act", profile=profile, min_sink_mass=0.5),
     }
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from longattn.methods import Method, MoBA
+
 
 @dataclass(frozen=True)
 class Case:
@@ -20,7 +22,7 @@ class Case:
 
     @property
     def id(self) -> str:
-        return self.name + "".join(f"-{k}{v}" for k, v in self.config.items())
+        return self.name + "".join(f"-{k}{v.name if isinstance(v, Method) else v}" for k, v in self.config.items())
 
 
 CASES = [
@@ -58,14 +60,14 @@ CASES = [
     # Per-head methods on the 2-layer, 4-query / 2-KV-head test models; full = every head reads everything.
     Case("duo", {"block_size": 16, "window": 16, "retrieval_heads": ((0, 1),)}, full={"window": 1 << 20}),
     Case("duo", {"block_size": 16, "window": 0, "sink_tokens": 16, "retrieval_heads": ((0, 0), (1, 3)),
-                 "unit": "query_head"}, full={"retrieval_heads": tuple((a, b) for a in range(2) for b in range(4))}),
-    Case("duo", {"block_size": 16, "window": 16, "retrieval_heads": ((0, 0), (1, 1)), "selector": "moba",
-                 "selector_config": {"top_k": 1, "window": 16}},
-         full={"window": 1 << 20, "selector_config": {"top_k": 1 << 10, "window": 16}}),
+                 "granularity": "query_head"}, full={"retrieval_heads": tuple((a, b) for a in range(2) for b in range(4))}),
+    Case("duo", {"block_size": 16, "window": 16, "retrieval_heads": ((0, 0), (1, 1)),
+                 "selector": MoBA(block_size=16, top_k=1, window=16)},
+         full={"window": 1 << 20, "selector": MoBA(block_size=16, top_k=1 << 10, window=16)}),
     Case("razor", {"block_size": 16, "window": 16, "retrieval_heads": ((0, 1),)}, full={"window": 1 << 20}),
     Case("razor", {"block_size": 16, "window": 32, "sink_tokens": 0, "retrieval_heads": ((1, 0),)},
          full={"retrieval_heads": ((0, 0), (0, 1), (1, 0), (1, 1))}),
     # act's calibration changes dense attention by design: its full case turns it off (factor 1).
-    Case("act", {"base": "moba", "base_config": {"block_size": 16, "top_k": 2, "window": 16}, "threshold": 2.0},
-         full={"base_config": {"block_size": 16, "top_k": 1 << 10, "window": 16}, "factor": 1.0}),
+    Case("act", {"base": MoBA(block_size=16, top_k=2, window=16), "threshold": 2.0},
+         full={"base": MoBA(block_size=16, top_k=1 << 10, window=16), "factor": 1.0}),
 ]

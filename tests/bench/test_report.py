@@ -1,118 +1,15 @@
-"""The results report: intervals, grouping and averages, error handling, markdown numbers and PNG figures."""
+"""The markdown report: numbers, baselines, errors, which figures it links, and its own errors."""
 
 from __future__ import annotations
 
-import json
-import math
 import subprocess
 import sys
 
 import pytest
 
-from longattn.bench.report import Row, interval, load_results, summarize, write_report
-
-PNG = b"\x89PNG"
-
-
-def cell(**overrides):
-    """One result line with every optional key filled; overrides replace fields."""
-    record = {
-        "schema": 1, "key": "k", "task": "niah_single", "haystack": "natural", "method": "moba", "config": {},
-        "label": None, "model": "SmolLM2-135M-Instruct.Q4_1.gguf", "length": 2048, "tokens": 2040, "depth": 0.5,
-        "seed": 0, "prediction": "x", "answer": "x", "score": 1.0, "density": 0.2, "recall": None,
-        "prefill_s": 1.0, "decode_s": 0.08, "decode_tokens": 8, "peak_mem_bytes": 100 * 2**20, "mem_kind": "rss",
-        "first": None, "nll": None, "error": None,
-        "hardware": {"device": "cpu", "name": "AMD EPYC 7B13", "threads": 2},
-        "versions": {"longattn": "0.1.0", "torch": "2.13.0"}, "time": "2026-11-23T10:00:00",
-    }
-    record.update(overrides)
-    return record
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def recall(mean, p10, layers=3):
-    return {"mean": mean, "p10": p10, "per_layer_mean": [mean] * layers, "per_layer_p10": [p10] * layers}
-
-
-def needle_fixture():
-    """moba at 4096 and 2048 (4096 listed first), dense at 2048 only, and one errored moba cell."""
-    moba_2k = [cell(score=s, depth=d, seed=i, density=dens, prefill_s=p, recall=recall(0.9, 0.6))
-               for i, (s, d, dens, p) in enumerate([(1.0, 0.0, 0.1, 0.4), (0.0, 1.0, 0.3, 0.6),
-                                                    (1.0, 0.0, 0.2, 0.5), (1.0, 1.0, 0.2, 0.5)])]
-    moba_4k = [cell(length=4096, score=0.0, depth=d, density=0.05, prefill_s=1.0, seed=i, recall=recall(0.7, 0.3))
-               for i, d in enumerate([0.0, 1.0])]
-    dense = [cell(method="dense", score=s, depth=d, density=1.0, prefill_s=p, seed=i, recall=recall(1.0, 1.0),
-                  decode_s=ds, decode_tokens=dt, peak_mem_bytes=m)
-             for i, (s, d, p, ds, dt, m) in enumerate([(1.0, 0.0, 1.5, 0.1, 10, 200 * 2**20),
-                                                       (1.0, 1.0, 2.5, 0.3, 10, 300 * 2**20)])]
-    failed = cell(score=None, prefill_s=100.0, density=0.9, seed=9, error="RuntimeError: out | of memory")
-    return moba_4k + moba_2k + [failed] + dense
-
-
-@pytest.mark.parametrize("k, n, expected", [
-    (5, 10, (0.5, 0.2366, 0.7634)),
-    (0, 10, (0.0, 0.0, 0.2775)),
-    (10, 10, (1.0, 0.7225, 1.0)),
-    (1, 1, (1.0, 0.2065, 1.0)),
-], ids=["5of10", "0of10", "10of10", "1of1"])
-def test_wilson_interval_known_values(k, n, expected):
-    got = interval([1.0] * k + [0.0] * (n - k))
-    assert got == pytest.approx(expected, abs=1e-4)
-
-
-def test_wilson_interval_matches_formula_and_shrinks_with_n():
-    z = 1.96
-    for k, n in [(3, 7), (17, 40)]:
-        p = k / n
-        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        assert interval([1] * k + [0] * (n - k)) == pytest.approx((p, centre - half, centre + half))
-    small, large = interval([1, 0] * 5), interval([1, 0] * 50)
-    assert large[2] - large[1] < small[2] - small[1]
-
-
-def test_normal_interval_for_fractional_scores_is_clipped_to_unit_range():
-    mean, low, high = interval([0.5, 0.7, 0.9])
-    half = 1.96 * 0.2 / math.sqrt(3)
-    assert (mean, low, high) == pytest.approx((0.7, 0.7 - half, 0.7 + half))
-    assert interval([0.5, 1.0, 1.0, 1.0])[2] == 1.0
-    assert interval([0.4]) == pytest.approx((0.4, 0.4, 0.4))
-
-
-def test_interval_of_nothing_raises():
-    with pytest.raises(ValueError, match="at least one"):
-        interval([])
-
-
-def test_summarize_groups_orders_and_averages():
-    rows = summarize(needle_fixture())
-    assert [(r.label, r.length) for r in rows] == [("moba", 2048), ("moba", 4096), ("dense", 2048)]
-    moba, moba_4k, dense = rows
-    assert (moba.n, moba.errors) == (4, 1)
-    assert moba.accuracy == pytest.approx(0.75)
-    assert (moba.ci_low, moba.ci_high) == pytest.approx(interval([1, 0, 1, 1])[1:])
-    assert moba.density == pytest.approx(0.2)  # the errored cell's 0.9 is not in the mean
-    assert moba.prefill_s == pytest.approx(0.5)  # nor its 100 s
-    assert moba.speedup == pytest.approx(2.0 / 0.5)
-    assert (moba.recall_mean, moba.recall_p10) == pytest.approx((0.9, 0.6))
-    assert moba.decode_ms_per_token == pytest.approx(10.0)
-    assert moba_4k.accuracy == 0.0 and moba_4k.speedup is None  # no dense cell at 4096
-    assert dense.speedup == pytest.approx(1.0) and dense.accuracy == 1.0
-    assert dense.decode_ms_per_token == pytest.approx(1000 * 0.4 / 20)
-    assert dense.peak_mem_mib == pytest.approx(300.0)
-    assert moba.first_accuracy is None and moba.nll is None
-    assert isinstance(moba, Row)
-
-
-def test_label_separates_configs_of_one_method_and_haystacks_are_not_pooled():
-    records = [cell(label="moba[top_k=8]", score=0.0), cell(score=1.0), cell(haystack="repeat", score=0.0)]
-    rows = summarize(records)
-    assert [(r.label, r.haystack, r.accuracy) for r in rows] == [
-        ("moba[top_k=8]", "natural", 0.0), ("moba", "natural", 1.0), ("moba", "repeat", 0.0)]
+from longattn.bench.report import write_report
+from longattn.bench.results import interval, load_results, summarize
+from tests.bench.records import PNG, cell, needle_fixture, perplexity_cell, recall, write_jsonl
 
 
 def test_minimal_records_without_optional_keys(tmp_path):
@@ -167,12 +64,6 @@ def test_followup_first_turn_column(tmp_path):
     assert "| first turn |" in text and "| moba | 2048 | 1.00 [" in text
 
 
-def perplexity_cell(label, length, nlls, error=None):
-    buckets = [{"start": 1024 * i, "end": 1024 * (i + 1), "nll": v, "tokens": 1024} for i, v in enumerate(nlls)]
-    return cell(task="perplexity", haystack=None, depth=None, score=None, method=label, error=error, length=length,
-                nll={"mean": sum(nlls) / len(nlls), "eval_tokens": 1024 * len(nlls), "buckets": buckets})
-
-
 def test_perplexity_tables_and_figure(tmp_path):
     records = [perplexity_cell("dense", 2048, [3.0, 2.0]), perplexity_cell("moba", 2048, [3.0, 2.5]),
                perplexity_cell("moba", 2048, [3.2, 2.7]), perplexity_cell("moba", 2048, [9.0, 9.0], error="E: x")]
@@ -189,25 +80,6 @@ def test_perplexity_tables_and_figure(tmp_path):
     assert not (tmp_path / "accuracy_vs_density.png").exists()
 
 
-def test_load_results_skips_blank_lines(tmp_path):
-    path = tmp_path / "r.jsonl"
-    path.write_text(json.dumps(cell()) + "\n\n   \n" + json.dumps(cell(seed=1)) + "\n")
-    assert [r["seed"] for r in load_results(path)] == [0, 1]
-
-
-@pytest.mark.parametrize("bad, message", [
-    ('{"task": "t", "method": "m", "length": 1, "seed": 0', "line 3: not valid JSON"),
-    ('{"task": "t", "method": "m", "length": 1}', "line 3: missing required key.*seed"),
-    ('[1, 2]', "line 3: expected a JSON object"),
-], ids=["truncated", "missing-key", "not-object"])
-def test_load_results_names_the_bad_line(tmp_path, bad, message):
-    path = tmp_path / "r.jsonl"
-    path.write_text(json.dumps(cell()) + "\n\n" + bad + "\n")
-    with pytest.raises(ValueError, match=message) as err:
-        load_results(path)
-    assert "r.jsonl" in str(err.value)
-
-
 def test_empty_results_raise(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text("\n")
@@ -217,9 +89,34 @@ def test_empty_results_raise(tmp_path):
         write_report([], tmp_path / "out")
 
 
-def test_importing_the_module_does_not_import_matplotlib():
-    code = "import sys, longattn.bench.report; assert 'matplotlib' not in sys.modules"
+def test_an_out_dir_that_is_a_file_raises_before_writing(tmp_path):
+    taken = tmp_path / "report"
+    taken.write_text("not a folder")
+    with pytest.raises(ValueError, match="out_dir=.*is a file"):
+        write_report([cell()], taken)
+    assert taken.read_text() == "not a folder"
+
+
+def test_importing_the_modules_does_not_import_matplotlib():
+    code = ("import sys, longattn.bench.report, longattn.bench.results, longattn.bench.figures; "
+            "assert 'matplotlib' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_writing_a_report_leaves_the_callers_backend_and_pyplot_alone(tmp_path):
+    """A notebook's backend survives a report: no matplotlib.use, no pyplot (which would pick a backend)."""
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    write_report(needle_fixture(), tmp_path)
+    assert matplotlib.get_backend() == before
+    # In a fresh process, with a backend the caller chose, pyplot must not even be imported.
+    code = ("import sys, matplotlib; matplotlib.use('svg'); from longattn.bench.report import write_report; "
+            "from tests.bench.records import needle_fixture; write_report(needle_fixture(), sys.argv[1]); "
+            "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
+            "assert 'matplotlib.pyplot' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "fresh")], check=True)
+    assert len(list((tmp_path / "fresh").glob("*.png"))) == 3
 
 
 def test_added_memory_is_the_largest_growth_and_is_reported(tmp_path):
@@ -229,9 +126,3 @@ def test_added_memory_is_the_largest_growth_and_is_reported(tmp_path):
     assert row.added_mem_mib == pytest.approx(5.0)
     text = write_report(records, tmp_path).read_text()
     assert "added MiB" in text and "| 5 |" in text
-
-
-@pytest.mark.parametrize("k,n", [(n, n) for n in range(1, 13)] + [(0, n) for n in range(1, 13)])
-def test_interval_always_holds_its_mean(k, n):
-    mean, low, high = interval([1.0] * k + [0.0] * (n - k))
-    assert low <= mean <= high

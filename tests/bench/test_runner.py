@@ -145,6 +145,39 @@ def test_bad_arguments(tiny, tmp_path, monkeypatch):
     bad.write_text("not json\n")
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         _sweep(tiny, bad, monkeypatch)
+    with pytest.raises(ValueError, match="out=.* is a directory"):
+        _sweep(tiny, tmp_path, monkeypatch)
+    with pytest.raises(ValueError, match="paired depths and seeds must be as many"):
+        _sweep(tiny, None, monkeypatch, depths=[0.5], seeds=[0, 1], paired=True)
     assert runner.parse_lengths("2k, 4096,0.5k") == [2048, 4096, 512]
     with pytest.raises(ValueError, match="lengths"):
         runner.parse_lengths("2x")
+
+
+def test_records_are_returned_and_out_none_writes_nothing(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "r.jsonl"
+    written = _sweep(tiny, out, monkeypatch, depths=[0.5], seeds=[0])
+    assert written.records == _lines(out)  # what the summary returns is what the file holds
+    monkeypatch.chdir(tmp_path)
+    kept = _sweep(tiny, None, monkeypatch, depths=[0.5], seeds=[0])
+    assert (kept.ran, kept.skipped) == (2, 0) and [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]
+    strip = ("time", "prefill_s", "decode_s", "recall_s", "peak_mem_bytes", "mem_delta_bytes", "recall")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in kept.records] == [
+        {k: v for k, v in r.items() if k not in strip} for r in written.records]
+
+
+def test_paired_runs_the_ith_seed_at_the_ith_depth(tiny, monkeypatch):
+    summary = _sweep(tiny, None, monkeypatch, methods={"dense": longattn.get_method("dense")},
+                     depths=[0.25, 0.75], seeds=[0, 1], paired=True, recall_queries=0)
+    assert [(r["depth"], r["seed"]) for r in summary.records] == [(0.25, 0), (0.75, 1)]
+    assert all(r["recall"] is None for r in summary.records)
+
+
+def test_a_composed_method_records_a_config_that_rebuilds_it():
+    from longattn.bench.runner import method_config
+
+    moba = longattn.get_method("moba", block_size=16, top_k=3, window=32)
+    duo = longattn.get_method("duo", retrieval_heads=((0, 1),), block_size=16, selector=moba)
+    config = json.loads(json.dumps(method_config(duo)))  # what a results line holds
+    assert config["selector"] == {"name": "moba", **method_config(moba)}
+    assert longattn.get_method("duo", **config) == duo

@@ -19,7 +19,7 @@ from longattn.core.positions import (
     rotate,
 )
 from longattn.core.selection import Selection
-from longattn.ops import block_sparse_attention, block_sparse_attention_reference
+from longattn.ops import block_sparse_attention, block_sparse_attention_gather
 from tests.conftest import tiny_model
 
 D = 16
@@ -123,10 +123,11 @@ def _random_selection(hq, t, qbs, bs, window, keep, seed):
     return Selection.from_mask(mask, qbs, bs)
 
 
+@pytest.mark.parametrize("backend", ["gather", "naive"])
 @pytest.mark.parametrize("policy", [Original(), LongHeadsLayout(), InfLLMLayout(), SelfExtend(3)],
                          ids=lambda p: p.name)
 @pytest.mark.parametrize("bs, qbs, window", [(8, 8, 16), (8, 4, 8), (16, 16, 0)])
-def test_operator_equals_rope_reference(policy, bs, qbs, window):
+def test_operator_equals_rope_reference(policy, bs, qbs, window, backend):
     hq, hkv, t = 4, 2, 75
     g = torch.Generator().manual_seed(1)
     q0, k0, v = (torch.randn(h, t, D, generator=g) for h in (hq, hkv, hkv))
@@ -134,11 +135,12 @@ def test_operator_equals_rope_reference(policy, bs, qbs, window):
     q, k = rope_at(q0, p), rope_at(k0, p)
     selection = _random_selection(hq, t, qbs, bs, window, 0.3, seed=2)
     plan = Reposition(policy, Rope(INV_FREQ, 10_000), window)
-    out, _ = block_sparse_attention(q[None], k[None], v[None], selection, positions=plan)
+    out, _ = block_sparse_attention(q[None], k[None], v[None], selection, reposition=plan, backend=backend)
     torch.testing.assert_close(out[0], _reference(q0, k0, v, selection, policy, window), atol=1e-4, rtol=1e-4)
 
 
-def test_decode_step_equals_rope_reference():
+@pytest.mark.parametrize("backend", ["gather", "naive"])
+def test_decode_step_equals_rope_reference(backend):
     hq, hkv, t, bs, window = 4, 2, 90, 8, 16
     g = torch.Generator().manual_seed(3)
     q0, k0, v = (torch.randn(h, t, D, generator=g) for h in (hq, hkv, hkv))
@@ -147,7 +149,7 @@ def test_decode_step_equals_rope_reference():
         full = _random_selection(hq, t, 1, bs, window, 0.3, seed=4)
         last = Selection(full.indices[:, :, -1:].contiguous(), full.counts[:, :, -1:].contiguous(), 1, bs)
         plan = Reposition(policy, Rope(INV_FREQ, 10_000), window)
-        out, _ = block_sparse_attention(q[None, :, -1:], k[None], v[None], last, positions=plan)
+        out, _ = block_sparse_attention(q[None, :, -1:], k[None], v[None], last, reposition=plan, backend=backend)
         expected = _reference(q0, k0, v, full, policy, window)[:, -1:]
         torch.testing.assert_close(out[0], expected, atol=1e-4, rtol=1e-4)
 
@@ -156,7 +158,7 @@ def test_a_policy_that_keeps_positions_equals_no_policy():
     q, k, v = (torch.randn(1, h, 90, D, generator=torch.Generator().manual_seed(h)) for h in (4, 2, 2))
     sel = _random_selection(4, 90, 8, 8, 16, 0.3, seed=9)
     plain, plain_lse = block_sparse_attention(q, k, v, sel)
-    kept, kept_lse = block_sparse_attention(q, k, v, sel, positions=Reposition(Original(), Rope(INV_FREQ, 64), 16))
+    kept, kept_lse = block_sparse_attention(q, k, v, sel, reposition=Reposition(Original(), Rope(INV_FREQ, 64), 16))
     assert torch.equal(kept, plain) and torch.equal(kept_lse, plain_lse)
 
 
@@ -166,11 +168,11 @@ def test_full_selection_under_longheads_or_group_one_keeps_real_positions():
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, h, t, D, generator=g) for h in (hq, hkv, hkv))
     sel = Selection.from_mask(torch.ones(1, hq, -(-t // bs), -(-t // bs), dtype=torch.bool).tril(), bs, bs)
-    plain, _ = block_sparse_attention_reference(q, k, v, sel)
+    plain, _ = block_sparse_attention_gather(q, k, v, sel)
     for policy in (LongHeadsLayout(), SelfExtend(1)):
-        moved, _ = block_sparse_attention(q, k, v, sel, positions=Reposition(policy, Rope(INV_FREQ, 4096), 16))
+        moved, _ = block_sparse_attention(q, k, v, sel, reposition=Reposition(policy, Rope(INV_FREQ, 4096), 16))
         torch.testing.assert_close(moved, plain, atol=1e-5, rtol=1e-5)
-    moved, _ = block_sparse_attention(q, k, v, sel, positions=Reposition(InfLLMLayout(), Rope(INV_FREQ, 4096), 16))
+    moved, _ = block_sparse_attention(q, k, v, sel, reposition=Reposition(InfLLMLayout(), Rope(INV_FREQ, 4096), 16))
     assert (moved - plain).abs().max() > 1e-3  # infllm moves every far key, even when all are selected
 
 
@@ -200,22 +202,24 @@ def test_longheads_distances_never_exceed_the_attended_budget():
     assert int((rows.view(1, 1, -1, qbs, 1, 1) - pos.unsqueeze(3))[seen].max()) > 3000
 
 
-def test_a_budget_beyond_the_trained_window_raises():
+@pytest.mark.parametrize("backend", ["gather", "naive"])
+def test_a_budget_beyond_the_trained_window_raises(backend):
     t, bs = 300, 16
     q, k, v = (torch.randn(1, h, t, D) for h in (2, 1, 1))
     sel = Selection.from_mask(torch.ones(1, 2, -(-t // bs), -(-t // bs), dtype=torch.bool).tril(), bs, bs)
+    plan = lambda policy: Reposition(policy, Rope(INV_FREQ, 128), 16)  # noqa: E731
     with pytest.raises(ValueError, match="trained window of 128"):
-        block_sparse_attention(q, k, v, sel, positions=Reposition(LongHeadsLayout(), Rope(INV_FREQ, 128), 16))
+        block_sparse_attention(q, k, v, sel, reposition=plan(LongHeadsLayout()), backend=backend)
     with pytest.raises(ValueError, match=r"group_size=\.\.\.\) to at least 3"):
-        block_sparse_attention(q, k, v, sel, positions=Reposition(SelfExtend(2), Rope(INV_FREQ, 128), 16))
-    block_sparse_attention(q, k, v, sel, positions=Reposition(SelfExtend(3), Rope(INV_FREQ, 128), 16))
+        block_sparse_attention(q, k, v, sel, reposition=plan(SelfExtend(2)), backend=backend)
+    block_sparse_attention(q, k, v, sel, reposition=plan(SelfExtend(3)), backend=backend)
 
 
 def test_forced_fused_backend_refuses_positions():
     q, k, v = (torch.randn(1, h, 32, D) for h in (2, 1, 1))
     sel = Selection.from_mask(torch.ones(1, 2, 2, 2, dtype=torch.bool).tril(), 16, 16)
-    with pytest.raises(ValueError, match="positions= runs on backend"):
-        block_sparse_attention(q, k, v, sel, backend="cpu", positions=Reposition(InfLLMLayout(), Rope(INV_FREQ, 64), 0))
+    with pytest.raises(ValueError, match="reposition= .* runs on backend 'auto', 'gather' or 'naive'"):
+        block_sparse_attention(q, k, v, sel, backend="cpu", reposition=Reposition(InfLLMLayout(), Rope(INV_FREQ, 64), 0))
 
 
 # ------------------------------------------------------------------------------------ reading the model

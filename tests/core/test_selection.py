@@ -51,3 +51,18 @@ def test_counts_out_of_range_and_bad_block_sizes_raise():
         Selection(sel.indices, sel.counts, 4, True)
     with pytest.raises(ValueError, match=r"\[B, H\]"):
         Selection.concat([sel, Selection.from_mask(torch.ones(1, 2, 1, 2, dtype=torch.bool), 4, 4)])
+
+
+def test_dense_heads_travel_with_the_selection():
+    flags = torch.tensor([True, False])
+    a = Selection.from_mask(torch.ones(1, 2, 1, 2, dtype=torch.bool), 4, 4, dense_heads=flags)
+    b = Selection.from_mask(torch.tensor([[[[True, True]], [[False, True]]]]), 4, 4, dense_heads=flags)
+    joined = Selection.concat([a, b])
+    assert torch.equal(joined.dense_heads, flags) and joined.counts.tolist() == [[[2, 2], [2, 1]]]
+    assert joined.without_dense_heads().dense_heads is None and torch.equal(joined.dense_heads, flags)
+    plain = Selection.from_mask(torch.ones(1, 2, 1, 2, dtype=torch.bool), 4, 4)
+    for other in (plain, Selection.from_mask(torch.ones(1, 2, 1, 2, dtype=torch.bool), 4, 4, dense_heads=~flags)):
+        with pytest.raises(ValueError, match="equal dense_heads"):
+            Selection.concat([a, other])
+    with pytest.raises(ValueError, match=r"dense_heads must be a bool tensor \[H=2\]"):
+        Selection.from_mask(torch.ones(1, 2, 1, 2, dtype=torch.bool), 4, 4, dense_heads=torch.tensor([1, 0]))

@@ -12,7 +12,7 @@ from longattn.methods import Method, SelectionContext
 def select(method: Method, q: torch.Tensor, k: torch.Tensor) -> Selection:
     """``q [B, Hq, Tq, D]`` (the newest Tq positions), ``k [B, Hkv, Tk, D]`` -> the method's Selection."""
     tq, tk = q.shape[2], k.shape[2]
-    index = BlockIndex(method.block_size, method.summariser()) if method.summary else None
+    index = BlockIndex(method.block_size, method.summariser()) if method.summariser() is not None else None
     ctx = SelectionContext(kv_len=tk, q_offset=tk - tq, layer=0, num_kv_heads=k.shape[1], keys=k)
     return method.select(q, index.update(k, 0, q=q) if index else None, ctx)
 

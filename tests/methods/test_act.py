@@ -62,7 +62,7 @@ def _run(method, q, k, v, scale=0.5):
 
 def test_finds_the_planted_sink_and_matches_the_dense_reference():
     q, k, v = _planted()
-    method = longattn.get_method("act", base="dense", base_config={"use_sdpa": False}, probe_queries=16)
+    method = longattn.get_method("act", base="dense", probe_queries=16)
     sinks = method.find_sinks(q, k, SelectionContext(kv_len=300, q_offset=0, layer=0, num_kv_heads=1), 0.5)
     assert SINK in sinks[0, 0].tolist()
     plain, ours = _run(method, q, k, v)
@@ -74,18 +74,18 @@ def test_finds_the_planted_sink_and_matches_the_dense_reference():
 
 def test_factor_one_and_no_sinks_leave_the_output_unchanged():
     q, k, v = _planted()
-    plain, ours = _run(longattn.get_method("act", base_config={"use_sdpa": False}, factor=1.0), q, k, v)
+    plain, ours = _run(longattn.get_method("act", factor=1.0), q, k, v)
     torch.testing.assert_close(ours, plain)
     g = torch.Generator().manual_seed(1)
     flat = torch.randn(1, 1, 300, 8, generator=g) * 0.01  # near-uniform attention: no sink anywhere
-    plain, ours = _run(longattn.get_method("act", base_config={"use_sdpa": False}), flat, flat, v[:, :, :300])
+    plain, ours = _run(longattn.get_method("act"), flat, flat, v[:, :, :300])
     torch.testing.assert_close(ours, plain)
 
 
 def test_only_attended_sinks_are_calibrated():
     q, k, v = _planted()
     # Streaming attends the sink only while it is inside a row's window; far rows must stay as they were.
-    method = longattn.get_method("act", base="streaming", base_config={"block_size": 16, "window": 16})
+    method = longattn.get_method("act", base={"name": "streaming", "block_size": 16, "window": 16})
     plain, ours = _run(method, q, k, v)
     torch.testing.assert_close(ours[0, 0, SINK + 48 :], plain[0, 0, SINK + 48 :])
     assert (ours[0, 0, SINK + 1 : SINK + 16] - plain[0, 0, SINK + 1 : SINK + 16]).abs().max() > 1e-2
@@ -98,7 +98,7 @@ def test_profile_limits_calibration_to_sink_heads():
     mass = [[0.2, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
     profile = HeadProfile(model=ident, settings={}, retrieval=zeros, streaming=zeros, hidden_sink_mass=mass,
                           initial_sink_mass=zeros)
-    method = longattn.get_method("act", base_config={"use_sdpa": False}, profile=profile)
+    method = longattn.get_method("act", profile=profile)
     assert method.calibrated_heads(0, 4, torch.device("cpu")).tolist() == [True, False, False, False]
     q, k, v = _planted(hq=4)
     q[0, 1] = q[0, 0]  # head 1 sees the sink as strongly, but the profile says it is not calibrated
@@ -111,9 +111,19 @@ def test_selection_is_the_base_methods():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 200, 8, generator=g), torch.randn(1, 2, 200, 8, generator=g)
     base = longattn.get_method("moba", block_size=16, top_k=2, window=16)
-    act = longattn.get_method("act", base="moba", base_config={"block_size": 16, "top_k": 2, "window": 16})
+    act = longattn.get_method("act", base=base)
     assert torch.equal(select(act, q, k).indices, select(base, q, k).indices)
     assert act.block_size == 16 and act.window == 16
+    by_spec = longattn.get_method("act", base={"name": "moba", "block_size": 16, "top_k": 2, "window": 16})
+    assert by_spec.base == base
+
+
+def test_dense_heads_of_the_base_run_through_the_operator():
+    # The calibration reads the lse of every head, which SDPA-computed dense heads do not have.
+    q, k = torch.randn(1, 4, 64, 8), torch.randn(1, 2, 64, 8)
+    ctx = SelectionContext(kv_len=64, q_offset=0, layer=0, num_kv_heads=2, keys=k)
+    assert longattn.get_method("dense").select(q, None, ctx).dense_heads.all()
+    assert longattn.get_method("act").select(q, None, ctx).dense_heads is None
 
 
 @pytest.mark.parametrize(
@@ -121,6 +131,8 @@ def test_selection_is_the_base_methods():
     [
         ({"base": "act"}, "other than act"),
         ({"base": "nope"}, "unknown method"),
+        ({"base": 3}, "base must be a Method"),
+        ({"base": {"top_k": 2}}, "base must be a Method"),
         ({"factor": 1.5}, r"factor must lie in \[0, 1\]"),
         ({"threshold": 0.5}, "threshold must be"),
         ({"probe_queries": 0}, "probe_queries"),

@@ -30,8 +30,8 @@ SCORES = [[0.0, 0.3, 0.0, 0.05], [0.9, 0.0, 0.0, 0.0]]  # KV-head maxima: [[0.3,
         ({"threshold": 0.01}, {0: {0, 1}, 1: {0}}),
         ({"retrieval_share": 0.25}, {1: {0}}),
         ({"retrieval_share": 0.5}, {0: {0}, 1: {0}}),
-        ({"threshold": 0.2, "unit": "query_head"}, {0: {1}, 1: {0}}),
-        ({"retrieval_share": 0.25, "unit": "query_head"}, {0: {1}, 1: {0}}),
+        ({"threshold": 0.2, "granularity": "query_head"}, {0: {1}, 1: {0}}),
+        ({"retrieval_share": 0.25, "granularity": "query_head"}, {0: {1}, 1: {0}}),
     ],
 )
 def test_profile_chooses_the_highest_scoring_heads(config, expected):
@@ -53,7 +53,7 @@ def test_streaming_heads_keep_only_sinks_and_window_and_retrieval_heads_everythi
 def test_query_head_unit_chooses_single_heads():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 160, 8, generator=g), torch.randn(1, 2, 160, 8, generator=g)
-    method = longattn.get_method("duo", retrieval_heads=((0, 3),), unit="query_head", block_size=16, window=16)
+    method = longattn.get_method("duo", retrieval_heads=((0, 3),), granularity="query_head", block_size=16, window=16)
     full = token_mask(select(method, q, k), 160)[0, :, -1].all(-1)
     assert full.tolist() == [False, False, False, True]
 
@@ -61,9 +61,12 @@ def test_query_head_unit_chooses_single_heads():
 def test_selector_runs_on_retrieval_heads_only():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 256, 8, generator=g), torch.randn(1, 2, 256, 8, generator=g)
-    method = longattn.get_method("duo", retrieval_heads=((0, 0),), block_size=16, window=16,
-                                 selector="moba", selector_config={"top_k": 2, "window": 16})
     moba = longattn.get_method("moba", block_size=16, top_k=2, window=16)
+    method = longattn.get_method("duo", retrieval_heads=((0, 0),), block_size=16, window=16, selector=moba)
+    by_spec = longattn.get_method("duo", retrieval_heads=((0, 0),), block_size=16, window=16,
+                                  selector={"name": "moba", "top_k": 2, "window": 16})
+    assert by_spec.selector == moba  # a spec takes duo's block_size
+    assert select(method, q, k).dense_heads is None  # the retrieval heads select, they are not dense
     ours, theirs = select(method, q, k).to_mask(16), select(moba, q, k).to_mask(16)
     assert torch.equal(ours[:, :2], theirs[:, :2])
     static = select(longattn.get_method("streaming", block_size=16, window=16), q, k).to_mask(16)
@@ -83,11 +86,11 @@ def test_kv_cache_tokens_counts_full_and_streaming_heads():
         ({}, "exactly one of profile"),
         ({"retrieval_heads": ((0, 1),), "threshold": 0.1}, "leave them unset"),
         ({"retrieval_heads": ((0, -1),)}, "non-negative"),
-        ({"retrieval_heads": ((0, 1),), "unit": "layer"}, "unit must be one of"),
+        ({"retrieval_heads": ((0, 1),), "granularity": "layer"}, "granularity must be one of"),
         ({"profile": "no/such/profile.json", "threshold": 0.1}, "no HeadProfile"),
-        ({"retrieval_heads": ((0, 1),), "selector": "moba", "selector_config": {"block_size": 32}}, "must equal"),
+        ({"retrieval_heads": ((0, 1),), "selector": {"name": "moba", "block_size": 32}}, "must equal"),
         ({"retrieval_heads": ((0, 1),), "selector": "streaming"}, "scored method"),
-        ({"retrieval_heads": ((0, 1),), "selector_config": {"top_k": 2}}, "selector is None"),
+        ({"retrieval_heads": ((0, 1),), "selector": 7}, "selector must be a Method"),
     ],
 )
 def test_bad_config_raises(config, match):
@@ -189,7 +192,8 @@ def test_share_breaks_retrieval_ties_by_lowest_streaming_score():
 
 @pytest.mark.parametrize(("tq", "padded"), [(130, False), (40, False), (1, False), (130, True)],
                          ids=["prefill", "chunked", "decode", "padded"])
-def test_fast_path_equals_the_block_sparse_operator(tq, padded):
+@pytest.mark.parametrize("granularity", ["kv_head", "query_head"])
+def test_retrieval_heads_are_dense_heads_and_equal_the_operator_over_every_block(tq, padded, granularity):
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 4, tq, 8, generator=g), torch.randn(2, 2, 130, 8, generator=g),
                torch.randn(2, 2, 130, 8, generator=g))
@@ -197,24 +201,24 @@ def test_fast_path_equals_the_block_sparse_operator(tq, padded):
     if padded:
         key_mask = torch.ones(2, 130, dtype=torch.bool)
         key_mask[1, :7] = False
-    method = longattn.get_method("duo", retrieval_heads=((0, 1),), block_size=16, window=16)
+    method = longattn.get_method("duo", retrieval_heads=((0, 1),), block_size=16, window=16, granularity=granularity)
     ctx = SelectionContext(kv_len=130, q_offset=130 - tq, layer=0, num_kv_heads=2, key_mask=key_mask, keys=k)
     sel = method.select(q, None, ctx)
-    ref, ref_lse = block_sparse_attention(q, k, v, sel, 0.3, key_mask=key_mask)
-    fast, lse = method.fast_attention(q, k, v, sel, 0.3, key_mask, ctx)
+    dense = [False, False, True, True] if granularity == "kv_head" else [False, True, False, False]
+    assert sel.dense_heads.tolist() == dense
+    fast, lse = block_sparse_attention(q, k, v, sel, 0.3, key_mask=key_mask)  # dense heads through SDPA
+    ref, ref_lse = block_sparse_attention(q, k, v, sel.without_dense_heads(), 0.3, key_mask=key_mask)
     rows = torch.ones(2, 4, tq, 1, dtype=torch.bool)
     if padded:  # padding query rows are undefined in SDPA and zeroed by both paths; compare the valid ones
         rows[1, :, : max(0, 7 - (130 - tq))] = False
     torch.testing.assert_close(fast * rows, ref * rows, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(lse[:, :2], ref_lse[:, :2])  # streaming heads keep the operator's lse
-    assert torch.isnan(lse[:, 2:]).all()
+    streaming = [not d for d in dense]
+    torch.testing.assert_close(lse[:, streaming], ref_lse[:, streaming])  # streaming heads keep the operator's lse
+    assert torch.isnan(lse[:, dense]).all()
 
 
-def test_fast_path_is_not_taken_where_it_does_not_apply():
-    q, k, v = torch.randn(1, 4, 32, 8), torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8)
+def test_a_layer_without_retrieval_heads_marks_none():
+    q, k = torch.randn(1, 4, 32, 8), torch.randn(1, 2, 32, 8)
     ctx = SelectionContext(kv_len=32, q_offset=0, layer=0, num_kv_heads=2, keys=k)
-    for method in (longattn.get_method("duo", retrieval_heads=((0, 1),), unit="query_head", block_size=16),
-                   longattn.get_method("duo", retrieval_heads=((1, 1),), block_size=16)):  # no full head in layer 0
-        assert method.fast_attention(q, k, v, method.select(q, None, ctx), 0.3, None, ctx) is None
-    method = longattn.get_method("duo", retrieval_heads=((0, 1),), block_size=16)
-    assert method.fast_attention(q, k, v, method.select(q, None, ctx), 0.3, None, ctx, backend="reference") is None
+    method = longattn.get_method("duo", retrieval_heads=((1, 1),), block_size=16)
+    assert method.select(q, None, ctx).dense_heads is None

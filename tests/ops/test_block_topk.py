@@ -1,4 +1,4 @@
-"""Fused block scoring + top-k: the Triton kernel against the PyTorch reference, and the methods that use it."""
+"""Fused block scoring + top-k: the Triton kernel against naive (plain PyTorch), and the methods that use it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import longattn
 from longattn.core.index import BlockIndex
 from longattn.methods import SelectionContext
-from longattn.ops.block_topk import block_topk, block_topk_reference, fused_topk_available
+from longattn.ops.block_topk import block_topk, block_topk_naive, fused_topk_available
 from tests.ops.gpu_helpers import DEVICE, TRITON_MISSING, requires_cuda
 
 # (B, Hq, Hkv, Tq, D, Nblk, qbs, top_k)
@@ -37,16 +37,16 @@ def _inputs(shape, kind, padded, seed=0):
     return [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
 
 
-def test_reference_keeps_the_best_retrievable_blocks():
+def test_naive_keeps_the_best_retrievable_blocks():
     q = torch.zeros(1, 1, 1, 4)
     q[..., 0] = 1.0
     s = torch.zeros(1, 1, 8, 1, 4)
     s[0, 0, :, 0, 0] = torch.tensor([9.0, 1, 5, 7, 3, 8, 6, 2])
-    ids = block_topk_reference(q, s, "mean", 3, 1, torch.tensor([6]), torch.tensor([0]), torch.tensor([1]))
+    ids = block_topk_naive(q, s, "mean", 3, 1, torch.tensor([6]), torch.tensor([0]), torch.tensor([1]))
     assert ids.flatten().tolist() == [5, 3, 2]  # block 0 is a sink, 6 and 7 are in the window
     has_key = torch.ones(1, 8, dtype=torch.bool)
     has_key[0, 5] = False
-    ids = block_topk_reference(q, s, "mean", 6, 1, torch.tensor([6]), torch.tensor([0]), torch.tensor([1]), has_key)
+    ids = block_topk_naive(q, s, "mean", 6, 1, torch.tensor([6]), torch.tensor([0]), torch.tensor([1]), has_key)
     assert ids.flatten().tolist() == [3, 2, 4, 1, -1, -1]
 
 
@@ -54,6 +54,8 @@ def test_bad_arguments_raise():
     args = _inputs(SHAPES[0], "mean", False)
     with pytest.raises(ValueError, match="kind must be one of"):
         block_topk(*args[:2], "max", *args[3:])
+    with pytest.raises(ValueError, match="'reference' was renamed to 'naive'"):
+        block_topk(*args, backend="reference")
     with pytest.raises(ValueError, match="top_k must be an int >= 1"):
         block_topk(*args[:3], 0, *args[4:])
     with pytest.raises(ValueError, match=r"limit must be \[Qblk=4\]"):
@@ -67,12 +69,12 @@ def test_bad_arguments_raise():
 @pytest.mark.parametrize("padded", [False, True], ids=["all-keys", "padded"])
 @pytest.mark.parametrize("kind", ["mean", "minmax"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"B{s[0]}-H{s[1]}-HKV{s[2]}-T{s[3]}-D{s[4]}-N{s[5]}-k{s[7]}" for s in SHAPES])
-def test_triton_equals_reference(shape, kind, padded):
+def test_triton_equals_naive(shape, kind, padded):
     pytest.importorskip("triton", reason=TRITON_MISSING)
     from longattn.ops.block_topk.triton_kernel import block_topk_triton
 
     args = _inputs(shape, kind, padded)
-    assert torch.equal(block_topk_triton(*args), block_topk_reference(*args))
+    assert torch.equal(block_topk_triton(*args), block_topk_naive(*args))
 
 
 def test_non_finite_scores_are_never_picked():
@@ -86,7 +88,7 @@ def test_non_finite_scores_are_never_picked():
     s[0, 0, 9, 1, :] = float("inf")
     args[1] = s
     args[3] = 20  # room for every block: only finite scores may fill it
-    ref = block_topk_reference(*args)
+    ref = block_topk_naive(*args)
     assert torch.equal(block_topk_triton(*args), ref)
     heads_of_kv0 = ref[0, :2]
     assert not bool((heads_of_kv0 == 7).any()) and not bool((heads_of_kv0 == 9).any())
@@ -98,7 +100,7 @@ def test_split_blocks_equal_one_program(splits):
     from longattn.ops.block_topk.triton_kernel import block_topk_launch
 
     args = _inputs(SHAPES[2], "mean", True, seed=3)
-    assert torch.equal(block_topk_launch(*args, num_splits=splits), block_topk_reference(*args))
+    assert torch.equal(block_topk_launch(*args, num_splits=splits), block_topk_naive(*args))
 
 
 @requires_cuda
@@ -108,7 +110,7 @@ def test_full_size_on_gpu():
     for shape in [(1, 32, 8, 4096, 128, 2048, 16, 32), (1, 32, 8, 1, 128, 65536, 1, 64)]:
         for kind in ("mean", "minmax"):
             args = _inputs(shape, kind, False)
-            a, r = block_topk_triton(*args), block_topk_reference(*args)
+            a, r = block_topk_triton(*args), block_topk_naive(*args)
             # Same sets (float reduction order may swap near-ties): compare sorted ids, allow a sliver.
             same = (a.sort(-1).values == r.sort(-1).values).float().mean()
             assert same > 0.999
@@ -135,7 +137,7 @@ def _select_both(name, config, tq, tk, padded, topk_backend):
     return method, plain, fused, tk
 
 
-@pytest.mark.parametrize("topk_backend", ["reference", "triton"])
+@pytest.mark.parametrize("topk_backend", ["naive", "triton"])
 @pytest.mark.parametrize("padded", [False, True], ids=["all-keys", "padded"])
 @pytest.mark.parametrize("tq,tk", [(120, 120), (1, 301), (40, 301)], ids=["prefill", "decode", "chunk"])
 @pytest.mark.parametrize("name,config", METHOD_CASES, ids=[c[0] for c in METHOD_CASES])
@@ -161,11 +163,18 @@ def test_only_triton_sessions_take_the_fused_path():
     assert not longattn.get_method("moba", share_kv_heads=True).uses_fused_topk(ctx)
     assert not longattn.get_method("longheads").uses_fused_topk(ctx)  # no fused score kind
 
-    class Shifted(type(moba)):  # a subclass that changes the score keeps its own selection
+    # The capability is declared, not inferred: a subclass that changes the score says so with fused_score.
+    class Shifted(type(moba)):
+        fused_score = None
+
         def score(self, q, summaries):
             return super().score(q, summaries) + 1.0
 
+    class Renamed(type(moba)):  # same score: keeps the fused selection it inherits
+        pass
+
     assert not Shifted().uses_fused_topk(ctx)
+    assert Renamed().uses_fused_topk(ctx) == moba.uses_fused_topk(ctx)
 
 
 @settings(max_examples=40, deadline=None)
@@ -187,7 +196,7 @@ def test_fused_selection_equals_the_methods_own_on_random_geometry(name, bs, qbs
         key_mask[1, :min(pad, tk - 1)] = False
     summaries = BlockIndex(bs, method.summariser()).update(k, 0, q=q)
     ctx = SelectionContext(kv_len=tk, q_offset=tk - tq, layer=0, num_kv_heads=2, key_mask=key_mask, keys=k)
-    plain, fused = method.select(q, summaries, ctx), method.fused_select(q, summaries, ctx, backend="reference")
+    plain, fused = method.select(q, summaries, ctx), method.fused_select(q, summaries, ctx, backend="naive")
     nkb = -(-tk // bs)
     assert torch.equal(fused.to_mask(nkb), plain.to_mask(nkb)) and torch.equal(fused.counts, plain.counts)
     fused.validate(tq, tk, 4, 2, 2)

@@ -41,7 +41,7 @@ def greedy_generate(
     """Greedy decoding with the model's own cache; only the last position's logits are ever computed.
 
     Args:
-        input_ids: ``[1, T]`` prompt tokens (the new tokens only, when continuing ``past_key_values``).
+        input_ids: ``[1, T]`` prompt tokens, ``T >= 1`` (the new tokens only, when continuing ``past_key_values``).
         max_new_tokens: upper bound on generated tokens (>= 1).
         past_key_values: a cache from an earlier :class:`GenerationResult` to continue (a follow-up turn);
             the prompt is then "prefilled" on top of it.
@@ -51,6 +51,9 @@ def greedy_generate(
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, T], got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[1] == 0:
+        # Nothing to prefill means no logits to pick the first token from (even on top of a cache).
+        raise ValueError("input_ids must hold at least one token, got an empty prompt of shape (1, 0)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)

@@ -14,7 +14,8 @@ import math
 import platform
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,7 +29,7 @@ from longattn.bench.memory import PeakMemory
 from longattn.bench.tasks import TASKS, Example
 from longattn.bench.tasks.haystack import HAYSTACKS
 from longattn.hf import apply
-from longattn.ops.block_sparse import BACKENDS
+from longattn.ops.block_sparse import check_backend
 from longattn.methods.base import Method
 
 SCHEMA = 1
@@ -47,11 +48,15 @@ _EMPTY: dict[str, Any] = dict.fromkeys((
 
 @dataclass(frozen=True)
 class SweepSummary:
-    """What a sweep did: cells run now, cells found finished in the file, and cells whose method failed."""
+    """What a sweep did: cells run now, cells found finished in the file, and cells whose method failed.
+
+    ``records`` holds the lines of the cells run now (in the order run), as written to the file.
+    """
 
     ran: int
     skipped: int
     failed: int
+    records: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
 
 def method_config(method: Method) -> dict[str, Any]:
@@ -64,6 +69,8 @@ def _jsonable(value: Any) -> Any:
         return value
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
+    if isinstance(value, Method):  # a composed method (duo's selector, act's base): the spec that rebuilds it
+        return {"name": value.name, **method_config(value)}
     return repr(value)
 
 
@@ -104,11 +111,11 @@ def hardware() -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     """Library versions recorded in every line."""
+    from importlib.metadata import version
+
     import transformers
 
-    from longattn import __version__
-
-    return {"longattn": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"longattn": version("longattn"), "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 
 
@@ -203,13 +210,14 @@ def run_sweep(
     lengths: Sequence[int],
     depths: Sequence[float],
     seeds: Sequence[int],
-    out: str | Path,
+    out: str | Path | None,
     model_id: str,
     haystacks: Sequence[str] = ("repeat",),
     recall_queries: int = 32,
     max_new_tokens: int | None = None,
     progress: Any = None,
     backend: str = "auto",
+    paired: bool = False,
 ) -> SweepSummary:
     """Sweep the grid and append one JSON line per cell to ``out``; cells already there are skipped.
 
@@ -217,14 +225,18 @@ def run_sweep(
         tasks: task names from :data:`longattn.bench.tasks.TASKS`.
         methods: display label -> method (the label tells two configs of one method apart).
         lengths: prompt lengths in tokens; depths: needle depths in [0, 1]; seeds: prompt seeds.
+        out: the JSONL file to append to (created with its folders), or None to keep the records in memory only
+            (returned in :attr:`SweepSummary.records`; nothing is skipped).
+        model_id: the model's name in every record and cell key.
         haystacks: "repeat" and/or "natural"; a task that lacks one is not run with it.
         recall_queries: query rows sampled per layer for attention recall (0 turns recall off).
         max_new_tokens: tokens to generate (default: each task's ``MAX_NEW_TOKENS``).
         progress: a ``rich.progress.Progress`` to report to (None: silent).
         backend: the attention backend every cell runs on (see :data:`longattn.ops.BACKENDS`).
+        paired: run the i-th seed at the i-th depth only (``depths`` and ``seeds`` of equal length), not every
+            depth with every seed.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"tasks {unknown} are unknown; known tasks: {', '.join(sorted(TASKS))}")
@@ -242,23 +254,31 @@ def run_sweep(
             raise ValueError(f"task {name!r} has no haystack among {list(haystacks)}; it supports {list(allowed)}")
     if recall_queries < 0:
         raise ValueError(f"recall_queries must be >= 0, got {recall_queries}")
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    done = finished_keys(path)
+    if paired and len(depths) != len(seeds):
+        raise ValueError(f"paired depths and seeds must be as many, got {len(depths)} depths and {len(seeds)} seeds")
+    if out is not None and Path(out).is_dir():
+        raise ValueError(f"out={str(out)!r} is a directory; name the JSONL file to append results to")
+    done = finished_keys(Path(out)) if out is not None else set()
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
     configs = {label: method_config(m) for label, m in methods.items()}
     context = {"model": model_id, "hardware": hardware(), "versions": versions(), "backend": backend}
 
     grid = []
     for name in tasks:
         task = TASKS[name]
-        cell_depths: list[float | None] = [None] if getattr(task, "KIND", "generate") == "nll" else list(depths)
+        if getattr(task, "KIND", "generate") == "nll":
+            points: list[tuple[float | None, int]] = [(None, s) for s in seeds]
+        else:
+            points = list(zip(depths, seeds)) if paired else [(d, s) for d in depths for s in seeds]
         for haystack in haystacks:
             if haystack in _haystacks(task):
-                grid += [(name, haystack, n, d, s) for n in lengths for d in cell_depths for s in seeds]
+                grid += [(name, haystack, n, d, s) for n in lengths for d, s in points]
     total = len(grid) * len(methods)
     bar = progress.add_task("bench", total=total) if progress is not None else None
     ran = skipped = failed = 0
-    with path.open("a") as sink:
+    records: list[dict[str, Any]] = []
+    with Path(out).open("a") if out is not None else nullcontext() as sink:
         for name, haystack, length, depth, seed in grid:
             task = TASKS[name]
             keys = {label: cell_key(name, haystack, label, configs[label], model_id, length, depth, seed)
@@ -291,12 +311,15 @@ def run_sweep(
                         record["error"] = f"{type(err).__name__}: {err}"
                 failed += record["error"] is not None
                 record["time"] = dt.datetime.now().isoformat(timespec="seconds")
-                sink.write(json.dumps(record, default=_jsonable) + "\n")
-                sink.flush()
+                line = json.dumps(record, default=_jsonable)
+                if sink is not None:
+                    sink.write(line + "\n")
+                    sink.flush()
+                records.append(json.loads(line))
                 ran += 1
                 if bar is not None:
                     progress.advance(bar)
-    return SweepSummary(ran, skipped, failed)
+    return SweepSummary(ran, skipped, failed, records)
 
 
 def parse_lengths(text: str) -> list[int]:

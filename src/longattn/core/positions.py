@@ -3,10 +3,9 @@
 Past its trained window a model meets RoPE distances it never saw, and attention breaks even when the right
 blocks are selected. A position policy re-encodes the distance of every *far* key (a selected block before
 the query block's local window; sinks included) so that each head only sees distances it was trained on;
-keys of the local window keep their exact distances. RoPE composes additively: rotating a post-RoPE vector
-by ``delta * inv_freq`` gives the vector RoPE would have produced at ``position + delta``. The policies
-therefore work on the cached post-RoPE keys and queries, with the model's own inverse frequencies, without
-touching the model's code or its cache.
+keys of the local window (:func:`~longattn.core.pattern.window_first_block`) keep their exact distances.
+Rotating a post-RoPE vector by ``delta * inv_freq`` gives the vector RoPE would have produced at ``position +
+delta``, so the policies work on the cached post-RoPE keys and queries, without touching the model or its cache.
 
 Policies (``Method.positions``):
 
@@ -30,7 +29,7 @@ import torch
 from torch import Tensor
 
 from longattn.core.checks import check_int
-from longattn.core.selection import window_first_block
+from longattn.core.pattern import window_first_block
 
 POLICIES = ("original", "longheads", "infllm", "self_extend")
 # RoPE variants whose encoding is a pure rotation by position x inv_freq (any static frequency rescaling is
@@ -204,8 +203,7 @@ class SelfExtend(PositionPolicy):
 
 
 _BY_NAME: dict[str, type[PositionPolicy]] = {
-    cls.name: cls for cls in (Original, LongHeadsLayout, InfLLMLayout, SelfExtend)
-}
+    cls.name: cls for cls in (Original, LongHeadsLayout, InfLLMLayout, SelfExtend)}
 
 
 def position_policy(spec: "str | PositionPolicy") -> PositionPolicy:
@@ -214,9 +212,7 @@ def position_policy(spec: "str | PositionPolicy") -> PositionPolicy:
         return spec
     if isinstance(spec, str) and spec in _BY_NAME:
         return _BY_NAME[spec]()
-    raise ValueError(
-        f"positions must be one of {POLICIES} or a longattn.core.positions.PositionPolicy, got {spec!r}"
-    )
+    raise ValueError(f"positions must be one of {POLICIES} or a longattn.core.positions.PositionPolicy, got {spec!r}")
 
 
 @dataclass(frozen=True)
@@ -319,7 +315,7 @@ class Reposition:
             than the trained window.
         """
         first = rows[:, 0]
-        lo = window_first_block(first, self.window, bs)  # [C], the window Method.static_mask keeps
+        lo = window_first_block(first, self.window, bs)  # [C], the window core.pattern keeps
         far_blocks = (idx >= 0) & (idx < lo.view(1, 1, -1, 1))
         far = far_blocks.unsqueeze(-1)
         block = self.policy.block_shift(idx, far_blocks, lo, bs)

@@ -165,6 +165,43 @@ class HeadProfile:
         """Share of query heads whose retrieval score exceeds ``threshold``."""
         return float((self.scores() > threshold).float().mean()) if self.num_layers else 0.0
 
+    def retrieval_heads(self, granularity: str = "kv_head", threshold: float | None = None,
+                        share: float | None = None) -> dict[int, set[int]]:
+        """The heads that retrieve, layer -> heads: by ``threshold`` (retrieval score >= it) or by ``share``
+        (the top share of heads), exactly one of them. ``granularity`` "kv_head" scores a KV head by the
+        max over its query heads; "query_head" chooses query heads."""
+        if granularity not in ("kv_head", "query_head"):
+            raise ValueError(f"granularity must be 'kv_head' or 'query_head', got {granularity!r}")
+        scores = self.kv_head_scores() if granularity == "kv_head" else self.scores()  # [L, heads]
+        if (threshold is None) == (share is None):
+            raise ValueError("with a profile, set exactly one of threshold (a retrieval score in [0, 1]) or "
+                             "retrieval_share (a share of heads in (0, 1])")
+        for name, value in (("threshold", threshold), ("retrieval_share", share)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        if threshold is not None:
+            if not 0.0 <= threshold <= 1.0:
+                raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+            chosen = scores >= threshold
+        else:
+            if not 0.0 < share <= 1.0:  # type: ignore[operator]
+                raise ValueError(f"retrieval_share must lie in (0, 1], got {share}")
+            count = math.ceil(share * scores.numel())  # type: ignore[operator]
+            # Most heads never copy (score 0): among equal retrieval scores, prefer the heads that attend
+            # farthest (lowest streaming score: least mass on sinks + window), then by position.
+            streaming = self.scores("streaming")
+            if granularity == "kv_head":
+                streaming = streaming.view(self.num_layers, self.num_kv_heads, -1).amin(-1)
+            by_reach = torch.argsort(streaming.flatten(), stable=True)
+            order = by_reach[torch.argsort(scores.flatten()[by_reach], descending=True, stable=True)][:count]
+            chosen = torch.zeros(scores.numel(), dtype=torch.bool)
+            chosen[order] = True
+            chosen = chosen.view_as(scores)
+        out: dict[int, set[int]] = {}
+        for layer, head in chosen.nonzero().tolist():
+            out.setdefault(layer, set()).add(head)
+        return out
+
     def check_model(self, model: Any) -> None:
         """Raise ``ValueError`` unless ``model`` (a HF model or its config) has this profile's layout."""
         ident = model_identity(model)

@@ -7,7 +7,7 @@ blocks; causality inside a block that crosses the diagonal is applied by the ope
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -25,12 +25,18 @@ class Selection:
         counts: ``[B, H, Qblk]`` int32 number of valid entries in each row of ``indices``.
         q_block_size: queries per query block (query block ``j`` holds query rows ``[j*q_block_size, ...)``).
         kv_block_size: keys per key block (key block ``n`` holds keys ``[n*kv_block_size, ...)``).
+        dense_heads: ``[H]`` bool or None: True where a head attends every causal key. Such a head's rows still
+            list every causal block (so :meth:`pairs`, :meth:`to_mask` and observers stay exact); the flag only
+            lets the operator run it through dense SDPA, whose ``lse`` is NaN (see
+            :func:`~longattn.ops.block_sparse.block_sparse_attention`). A promise of the method that builds
+            the Selection, not checked against ``indices``.
     """
 
     indices: Tensor
     counts: Tensor
     q_block_size: int
     kv_block_size: int
+    dense_heads: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.indices.dim() != 4:
@@ -45,6 +51,15 @@ class Selection:
             )
         check_int("q_block_size", self.q_block_size, 1)
         check_int("kv_block_size", self.kv_block_size, 1)
+        dense = self.dense_heads
+        if dense is not None:
+            if not isinstance(dense, Tensor) or dense.dtype != torch.bool or dense.shape != (self.num_heads,):
+                got = f"{dense.dtype} {tuple(dense.shape)}" if isinstance(dense, Tensor) else type(dense).__name__
+                raise ValueError(
+                    f"dense_heads must be a bool tensor [H={self.num_heads}] (one flag per selection head), got {got}"
+                )
+            if dense.device != self.indices.device:
+                raise ValueError(f"dense_heads is on {dense.device} but indices are on {self.indices.device}")
 
     @property
     def num_heads(self) -> int:
@@ -54,12 +69,20 @@ class Selection:
     def num_q_blocks(self) -> int:
         return self.indices.shape[2]
 
+    def without_dense_heads(self) -> "Selection":
+        """This Selection with ``dense_heads=None``: every head through the block-sparse backend, with a finite
+        ``lse`` (for a method that reads ``lse`` on every head)."""
+        return self if self.dense_heads is None else replace(self, dense_heads=None)
+
     @classmethod
-    def from_mask(cls, mask: Tensor, q_block_size: int, kv_block_size: int) -> "Selection":
+    def from_mask(
+        cls, mask: Tensor, q_block_size: int, kv_block_size: int, dense_heads: Tensor | None = None
+    ) -> "Selection":
         """Build a Selection from a block mask.
 
         Args:
             mask: ``[B, H, Qblk, Nblk]`` bool, True where query block attends key block.
+            dense_heads: ``[H]`` bool, see the class attribute (rows of those heads must hold every causal block).
         """
         if mask.dtype != torch.bool or mask.dim() != 4:
             raise ValueError(f"mask must be a [B, H, Qblk, Nblk] bool tensor, got {mask.dtype} {tuple(mask.shape)}")
@@ -72,7 +95,7 @@ class Selection:
         keyed = torch.where(mask, ids, torch.full_like(ids, nblk))
         ordered = keyed.sort(dim=-1).values[..., :width]
         indices = torch.where(ordered < nblk, ordered, torch.full_like(ordered, -1))
-        return cls(indices.contiguous(), counts, q_block_size, kv_block_size)
+        return cls(indices.contiguous(), counts, q_block_size, kv_block_size, dense_heads)
 
     @classmethod
     def concat(cls, parts: list["Selection"]) -> "Selection":
@@ -86,12 +109,17 @@ class Selection:
             raise ValueError("concat needs selections with equal q_block_size and kv_block_size")
         if any(p.indices.shape[:2] != first.indices.shape[:2] for p in parts):
             raise ValueError("concat needs selections with equal batch and head dimensions [B, H]")
+        dense = first.dense_heads
+        if any((p.dense_heads is None) != (dense is None) for p in parts) or (
+            dense is not None and not all(torch.equal(p.dense_heads, dense) for p in parts)
+        ):
+            raise ValueError("concat needs selections with equal dense_heads (the same heads dense in every part)")
         width = max(p.indices.shape[-1] for p in parts)
         indices = torch.cat(
             [torch.nn.functional.pad(p.indices, (0, width - p.indices.shape[-1]), value=-1) for p in parts], dim=2
         )
         counts = torch.cat([p.counts for p in parts], dim=2)
-        return cls(indices, counts, first.q_block_size, first.kv_block_size)
+        return cls(indices, counts, first.q_block_size, first.kv_block_size, dense)
 
     def to_mask(self, num_kv_blocks: int) -> Tensor:
         """Block mask ``[B, H, Qblk, num_kv_blocks]`` bool (the inverse of :meth:`from_mask`)."""
@@ -177,16 +205,6 @@ class Selection:
         part = n_part * (lo + hi - 2 * k_start + 2) // 2
         per = torch.where(self.indices >= 0, n_full * length + part, torch.zeros_like(k_start))
         return per.sum(dim=(-1, -2))
-
-
-def window_first_block(first: Tensor, window: int, block_size: int) -> Tensor:
-    """First key block of each query block's local window: the block holding ``first - window`` (clamped at 0),
-    never after the query block's own first block. ``first [Qblk]`` first query positions -> ``[Qblk]``.
-
-    The one definition of "the window" that selection (``Method.static_mask``), compensation (razor), chunk
-    scoring (dhsa) and position policies (near vs far keys) share.
-    """
-    return torch.minimum((first - window).clamp(min=0) // block_size, first // block_size)
 
 
 def causal_pairs(q_len: int, kv_len: int) -> int:

@@ -6,7 +6,8 @@ from dataclasses import fields
 from importlib import import_module
 from typing import Any
 
-from longattn.methods.base import Method, SelectionContext, TopKMethod
+from longattn.methods.base import Method, SelectionContext, as_method
+from longattn.methods.topk import TopKMethod
 from longattn.methods.dense import Dense
 from longattn.methods.moba import MoBA
 from longattn.methods.streaming import Streaming
@@ -56,4 +57,7 @@ def get_method(name: str, /, **config: Any) -> Method:
     return cls(**config)
 
 
-__all__ = ["Dense", "MoBA", "Method", "SelectionContext", "Streaming", "TopKMethod", "get_method", "list_methods", "method_class"]
+__all__ = [
+    "Dense", "MoBA", "Method", "SelectionContext", "Streaming", "TopKMethod", "as_method", "get_method", "list_methods",
+    "method_class",
+]

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from longattn.core.profile import HeadProfile, as_profile
 from longattn.core.selection import Selection
-from longattn.methods.base import Method, SelectionContext
+from longattn.methods.base import Method, SelectionContext, as_method
 from longattn.ops.sampled import sample_positions, sampled_attention, sink_ratio
 
 # Membership of sinks in a chunk of query blocks' selections is [B, H, Qblk, S, sinks]: bounded per chunk.
@@ -29,8 +29,7 @@ class ACT(Method):
     attention is multiplied by ``factor`` and the removed mass goes to the other attended tokens in
     proportion to their attention (ACT's rule), so every row still sums to one. With a ``profile``, only the
     heads whose profiled hidden-sink mass reaches ``min_sink_mass`` are calibrated; without one, every head.
-    ``block_size``, ``window``, ``sink_tokens`` and ``query_block_size`` are ``base``'s (set them in
-    ``base_config``). Cost: one dense score row per probe query and head, so calibration does not save work.
+    ``block_size``, ``window``, ``sink_tokens`` and ``query_block_size`` are ``base``'s (set them on ``base``). Cost: one dense score row per probe query and head, so calibration does not save work.
     The sinks are found per step, as ACT does per input: in a one-shot prefill the probe rows span the whole
     prompt, so an early row may be calibrated for a sink that later rows revealed (never for a key it cannot
     attend), and a prefill split into chunks finds its sinks chunk by chunk.
@@ -38,10 +37,10 @@ class ACT(Method):
     through Attention Calibration, https://arxiv.org/abs/2406.15765
     """
 
-    base: str = "dense"
-    """The wrapped method's name (any registered method but act)."""
-    base_config: dict[str, Any] | None = None
-    """Options of ``base``."""
+    base: "Method | str | dict[str, Any]" = "dense"
+    """The wrapped method: an instance, a registered name (its defaults), or ``{"name": ..., **options}``;
+    any method but act. Its dense heads run through the block-sparse operator, which gives the log-sum-exp
+    the calibration reads."""
     factor: float = 0.4
     """Multiplier of a hidden sink's attention, in [0, 1]; 1 leaves attention unchanged."""
     threshold: float = 5.0
@@ -61,19 +60,18 @@ class ACT(Method):
 
     name: ClassVar[str] = "act"
     paper: ClassVar[str] = "ACT: Unveiling and Harnessing Hidden Attention Sinks https://arxiv.org/abs/2406.15765"
+    adjusts_output: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        from longattn.methods import get_method
-
-        if not isinstance(self.base, str) or self.base in ("act",):
-            raise ValueError(f"base must be the name of a registered method other than act, got {self.base!r}")
-        self._base = get_method(self.base, **dict(self.base_config or {}))
+        self.base = as_method(self.base, "base")
+        if isinstance(self.base, ACT):
+            raise ValueError(f"base must be a method other than act, got {self.base.name!r}")
         defaults = {f.name: f.default for f in fields(Method)}
         for name in _MIRRORED:
-            mine, theirs = getattr(self, name), getattr(self._base, name)
+            mine, theirs = getattr(self, name), getattr(self.base, name)
             if mine != defaults[name] and mine != theirs:
-                raise ValueError(f"{name}={mine!r} conflicts with base {self.base!r}'s {name}={theirs!r}; set it "
-                                 f"in base_config")
+                raise ValueError(f"{name}={mine!r} conflicts with base {self.base.name!r}'s {name}={theirs!r}; "
+                                 f"set it on base")
             setattr(self, name, theirs)
         super().__post_init__()
         if not isinstance(self.factor, (int, float)) or not 0.0 <= self.factor <= 1.0:
@@ -90,25 +88,25 @@ class ACT(Method):
         if self.profile is not None:
             self.profile = as_profile(self.profile)
             self._heads = self.profile.scores("hidden_sink_mass") >= self.min_sink_mass  # [L, Hq]
-        self.summary = self._base.summary  # type: ignore[misc]
 
     # Selection is entirely base's.
-    def summariser(self) -> "str | Callable[..., Tensor]":
-        return self._base.summariser()
+    def summariser(self) -> "str | Callable[..., Tensor] | None":
+        return self.base.summariser()
 
     def q_block_size(self, q_len: int) -> int:
-        return self._base.q_block_size(q_len)
+        return self.base.q_block_size(q_len)
 
     def select(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext) -> Selection:
-        return self._base.select(q, summaries, ctx)
+        """base's Selection, without dense heads: the calibration reads the lse of every head."""
+        return self.base.select(q, summaries, ctx).without_dense_heads()
 
     def block_mask(
         self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int, prepared: Any = None
     ) -> Tensor:
-        return self._base.block_mask(q, summaries, ctx, qbs, prepared)
+        return self.base.block_mask(q, summaries, ctx, qbs, prepared)
 
     def check_model(self, model: Any) -> None:
-        self._base.check_model(model)
+        self.base.check_model(model)
         if isinstance(self.profile, HeadProfile):
             self.profile.check_model(model)
 
@@ -146,7 +144,8 @@ class ACT(Method):
         other tokens are scaled by ``(1 - factor S) / (1 - S)``, so
         ``out' = factor o_S + (1 - factor S) / (1 - S) (out - o_S)``.
         """
-        out = self._base.adjust_output(out, lse, q, k, v, selection, ctx, scale)
+        if self.base.adjusts_output:
+            out = self.base.adjust_output(out, lse, q, k, v, selection, ctx, scale)
         b, hq, tq, d = q.shape
         hkv, tk = k.shape[1], k.shape[2]
         heads = self.calibrated_heads(ctx.layer, hq, q.device)

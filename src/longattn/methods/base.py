@@ -1,7 +1,12 @@
 """The method contract: a dataclass of config that decides *where* each query block looks.
 
-Every method keeps the attention sinks and a local window; scored methods add the ``top_k`` key blocks
-their query ranks highest. Execution is the shared operator's job, never the method's.
+Every method keeps the attention sinks and a local window (:mod:`longattn.core.pattern`); scored methods
+(:mod:`longattn.methods.topk`) add the ``top_k`` key blocks their query ranks highest. A method returns a
+:class:`~longattn.core.selection.Selection`; computing attention over it is the operator's job
+(:func:`longattn.ops.block_sparse_attention`), never the method's. Two things a method may add, each
+declared as a class attribute so that the session reads them instead of guessing: ``summary`` (what the
+block index keeps per key block) and ``adjusts_output`` (a correction of the operator's output that is the
+method's idea, such as razor's compensation token or ACT's calibration).
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import torch
 from torch import Tensor
 
 from longattn.core.checks import check_int
+from longattn.core.pattern import StepPattern
 from longattn.core.positions import PositionPolicy, Reposition, position_policy
-from longattn.core.selection import Selection, window_first_block
+from longattn.core.selection import Selection
 
 # Elements of a chunk's [B, H, query blocks, key blocks] masks and scores: selection runs chunk by chunk so
 # its memory stays linear in the context (the full block-level matrix is quadratic).
@@ -36,8 +42,12 @@ class SelectionContext:
             methods that score raw keys instead of block summaries; None where the caller has none.
         reposition: the session's position policy when it moves keys (None otherwise); methods with
             ``rotatable_scores`` score far blocks at its capped distance.
-        backend: the attention backend this step runs on, resolved ("reference", "cpu", "triton", "flex");
+        backend: the attention backend this step runs on, resolved ("gather", "cpu", "triton", "flex");
             on "triton", methods with a ``fused_score`` select through the fused block top-k kernel.
+        patterns: the step's cache of :class:`~longattn.core.pattern.StepPattern` by :meth:`StepPattern.key`,
+            shared by every layer of one forward step (the session clears it between steps); None: no cache.
+        pattern: the pattern of exactly these queries, set by :meth:`Method.select` for each chunk it hands to
+            :meth:`Method.block_mask`.
     """
 
     kv_len: int
@@ -48,7 +58,9 @@ class SelectionContext:
     device: torch.device = torch.device("cpu")
     keys: Tensor | None = None
     reposition: Reposition | None = None
-    backend: str = "reference"
+    backend: str = "gather"
+    patterns: dict[tuple[int, ...], StepPattern] | None = None
+    pattern: StepPattern | None = None
 
 
 @dataclass
@@ -75,11 +87,14 @@ class Method:
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     summary: ClassVar[str | None] = None
-    """Block summary the method scores against ("mean", "minmax"), or None for static patterns."""
+    """Block summary the method scores against ("mean", "minmax", ...), or None for static patterns."""
     rotatable_scores: ClassVar[bool] = False
     """True where selection reads only ``q`` and summaries that are (means of) RoPE-rotated keys, so a position
     policy may score far blocks at a capped distance (``PositionPolicy.score_cap``). Min/max bounds (Quest)
     and raw-key methods are not rotatable."""
+    adjusts_output: ClassVar[bool] = False
+    """True where :meth:`adjust_output` changes the operator's output (it then reads keys at their real
+    positions, so it cannot run under a position policy that moves them)."""
 
     def __post_init__(self) -> None:
         check_int("block_size", self.block_size, 1, power_of_two=True)
@@ -99,13 +114,28 @@ class Method:
         Default: every supported model fits. Per-head methods check the layout their profile was made for.
         """
 
-    def summariser(self) -> "str | Callable[..., Tensor]":
-        """What the session's BlockIndex keeps per key block: ``summary`` by default, or a configured callable."""
-        return self.summary  # type: ignore[return-value]
+    def summariser(self) -> "str | Callable[..., Tensor] | None":
+        """What the session's BlockIndex keeps per key block (None: no index): ``summary`` by default, a
+        configured callable, or what a wrapped method scores."""
+        return self.summary
 
     def q_block_size(self, q_len: int) -> int:
         """Query block size for a step of ``q_len`` queries: 1 in decode, else the configured size."""
         return 1 if q_len == 1 else (self.query_block_size or self.block_size)
+
+    def pattern(self, q_len: int, ctx: SelectionContext, qbs: int) -> StepPattern:
+        """Sinks, window and causal limits of these ``q_len`` queries with this method's geometry: the one
+        ``ctx`` carries, else the step's cached one, else built (and cached in ``ctx.patterns``)."""
+        key = (self.block_size, qbs, self.sink_tokens, self.window, ctx.kv_len, ctx.q_offset, q_len)
+        if ctx.pattern is not None and ctx.pattern.key() == key:
+            return ctx.pattern
+        if ctx.patterns is not None and key in ctx.patterns:
+            return ctx.patterns[key]
+        built = StepPattern.build(q_len, ctx.kv_len, ctx.q_offset, self.block_size, qbs, self.sink_tokens,
+                                  self.window, ctx.key_mask, ctx.device)
+        if ctx.patterns is not None:
+            ctx.patterns[key] = built
+        return built
 
     def select(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext) -> Selection:
         """Choose key blocks for each query block.
@@ -113,7 +143,7 @@ class Method:
         Args:
             q: ``[B, Hq, Tq, D]`` post-RoPE queries of this step.
             summaries: ``[B, Hkv, Nblk, R, D]`` float32 block summaries from the layer's BlockIndex (None when
-                ``summary`` is None).
+                the method keeps no index).
             ctx: step context.
 
         Returns:
@@ -123,41 +153,31 @@ class Method:
         qbs = self.q_block_size(tq)
         nqb, nkb = -(-tq // qbs), -(-ctx.kv_len // self.block_size)
         prepared = self.prepare(q, summaries, ctx)
+        pattern = self.pattern(tq, ctx, qbs)
         # Scores are per query token before pooling, so a chunk holds qbs rows per query block.
         step = max(1, _SELECT_CHUNK_ELEMENTS // (b * hq * nkb * qbs))
         parts = []
         for first in range(0, nqb, step):
-            rows = slice(first * qbs, min((first + step) * qbs, tq))
-            sub = replace(ctx, q_offset=ctx.q_offset + first * qbs)
+            stop = min(first + step, nqb)
+            rows = slice(first * qbs, min(stop * qbs, tq))
+            sub = replace(ctx, q_offset=ctx.q_offset + first * qbs, pattern=pattern.rows(first, stop))
             mask = self.block_mask(q[:, :, rows], summaries, sub, qbs, prepared)
             parts.append(Selection.from_mask(mask, qbs, self.block_size))
         return Selection.concat(parts)
-
-    def fast_attention(
-        self, q: Tensor, k: Tensor, v: Tensor, selection: Selection, scale: float, key_mask: Tensor | None,
-        ctx: SelectionContext, backend: str = "auto",
-    ) -> tuple[Tensor, Tensor] | None:
-        """A method-specific way to compute the attention over ``selection``, or None for the shared operator.
-
-        Must equal ``block_sparse_attention(q, k, v, selection, scale, key_mask=key_mask)`` (its reference);
-        ``lse`` may be NaN on heads whose path does not produce one (the method's own ``adjust_output`` must
-        not read those). ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]`` -> ``(out [B, Hq, Tq, D], lse [B, Hq, Tq])``.
-        Default: None.
-        """
-        return None
 
     def adjust_output(
         self, out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, selection: Selection, ctx: SelectionContext,
         scale: float,
     ) -> Tensor:
-        """Change the attention output after the operator (or :meth:`fast_attention`) ran: calibration, compensation.
+        """Change the operator's attention output (called only when ``adjusts_output`` is True).
 
         Args:
-            out: ``[B, Hq, Tq, D]`` attention over ``selection``; lse: ``[B, Hq, Tq]`` float32 its log-sum-exp.
+            out: ``[B, Hq, Tq, D]`` attention over ``selection``; lse: ``[B, Hq, Tq]`` float32 its log-sum-exp
+                (NaN on the selection's ``dense_heads``, which the operator ran through SDPA).
             q: ``[B, Hq, Tq, D]``; k, v: ``[B, Hkv, Tk, D]`` post-RoPE, cache included.
 
         Returns:
-            ``[B, Hq, Tq, D]``. Default: ``out`` unchanged (selection-only methods never override this).
+            ``[B, Hq, Tq, D]``. Default: ``out`` unchanged.
         """
         return out
 
@@ -182,49 +202,18 @@ class Method:
         The sinks are the first ``sink_tokens`` *valid* keys of each row: in a left-padded row they start
         after the padding, where the row's own first tokens are.
         """
-        bs = self.block_size
-        nkb = -(-ctx.kv_len // bs)
-        first, last = self._query_span(q_len, ctx, qbs)
-        blocks = torch.arange(nkb, device=first.device).view(1, 1, -1)  # [1, 1, Nblk]
-        lo = window_first_block(first, self.window, bs)
-        window = (blocks >= lo.view(1, -1, 1)) & (blocks <= (last // bs).view(1, -1, 1))  # [1, Qblk, Nblk]
-        start = self._first_keys(ctx).view(-1, 1, 1)
-        sinks = (blocks >= start // bs) & (blocks * bs < start + self.sink_tokens)  # [B or 1, 1, Nblk]
-        causal = blocks <= (last // bs).view(1, -1, 1)
-        return ((sinks & causal) | window).unsqueeze(1)
+        return self.pattern(q_len, ctx, qbs).static_mask()
 
     def causal_block_mask(self, q_len: int, ctx: SelectionContext, qbs: int) -> Tensor:
         """Blocks holding at least one key some query of the block may see: ``[1, 1, Qblk, Nblk]`` bool."""
-        nkb = -(-ctx.kv_len // self.block_size)
-        _, last = self._query_span(q_len, ctx, qbs)
-        blocks = torch.arange(nkb, device=last.device).view(1, -1)
-        return (blocks <= (last // self.block_size).view(-1, 1)).view(1, 1, -1, nkb)
+        return self.pattern(q_len, ctx, qbs).causal_mask()
 
     def eligible_mask(self, q_len: int, ctx: SelectionContext, qbs: int, static: Tensor) -> Tensor:
         """Blocks a query block may retrieve: causal, not already static, not all padding.
 
         Returns ``[B or 1, 1, Qblk, Nblk]`` bool.
         """
-        nkb = -(-ctx.kv_len // self.block_size)
-        eligible = self.causal_block_mask(q_len, ctx, qbs) & ~static
-        has_key = self._blocks_with_keys(ctx)
-        if has_key is not None:
-            eligible = eligible & has_key.view(has_key.shape[0], 1, 1, nkb)
-        return eligible
-
-    def _first_keys(self, ctx: SelectionContext) -> Tensor:
-        """Position of each row's first valid key (after left padding): ``[B]``, or ``[1]`` zeros without a mask."""
-        if ctx.key_mask is None:
-            return torch.zeros(1, dtype=torch.long, device=ctx.device)
-        return ctx.key_mask.int().argmax(dim=1)
-
-    def _blocks_with_keys(self, ctx: SelectionContext) -> Tensor | None:
-        """``[B, Nblk]`` bool, False for blocks of padding only; None when every key is valid."""
-        if ctx.key_mask is None:
-            return None
-        b, nkb = ctx.key_mask.shape[0], -(-ctx.kv_len // self.block_size)
-        pad = nkb * self.block_size - ctx.kv_len
-        return torch.nn.functional.pad(ctx.key_mask, (0, pad)).view(b, nkb, -1).any(-1)
+        return self.pattern(q_len, ctx, qbs).eligible_mask(static)
 
     def checked_summaries(self, summaries: Tensor | None, batch: int, ctx: SelectionContext) -> Tensor:
         """``summaries`` ``[B, Hkv, Nblk, R, D]`` of this step, or a clear error naming the expected shape."""
@@ -233,7 +222,7 @@ class Method:
             got = None if summaries is None else tuple(summaries.shape)
             raise ValueError(
                 f"method {self.name!r} needs block summaries [B={batch}, Hkv={ctx.num_kv_heads}, Nblk={nkb}, R, D] "
-                f"({self.summary!r}), got {got}"
+                f"({self.summariser()!r}), got {got}"
             )
         return summaries
 
@@ -247,165 +236,21 @@ class Method:
             )
         return ctx.keys
 
-    def _query_span(self, q_len: int, ctx: SelectionContext, qbs: int) -> tuple[Tensor, Tensor]:
-        nqb = -(-q_len // qbs)
-        first = ctx.q_offset + torch.arange(nqb, device=ctx.device) * qbs
-        last = torch.clamp(first + qbs, max=ctx.q_offset + q_len) - 1
-        return first, last
 
+def as_method(spec: "Method | str | dict[str, Any]", field: str) -> Method:
+    """A Method from ``spec``: an instance as is, a registered name with its defaults, or a JSON-style
+    ``{"name": ..., **options}`` (what the CLI's ``--set`` can express). ``field`` names the option in errors."""
+    from longattn.methods import get_method
 
-# What TopKMethod's fused selection reproduces: scores, pooling, static blocks, eligibility, query blocks.
-_FUSED_SELECTION_PARTS = ("score", "pooled_scores", "block_scores", "block_mask", "prepare", "static_mask",
-                          "eligible_mask", "causal_block_mask", "q_block_size", "_query_span", "summariser")
-
-
-@dataclass
-class TopKMethod(Method):
-    """Sinks + window + the ``top_k`` highest-scoring other blocks. Subclasses define ``score``."""
-
-    top_k: int = 8
-    """Key blocks retrieved per query block beyond the sinks and the window."""
-    share_kv_heads: bool = False
-    """One selection per KV head (max score over its query heads): cheaper, coarser."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_int("top_k", self.top_k, 0)
-        if not isinstance(self.share_kv_heads, bool):
-            raise ValueError(f"share_kv_heads must be a bool, got {self.share_kv_heads!r}")
-
-    fused_score: ClassVar[str | None] = None
-    """The :mod:`longattn.ops.block_topk` kind ("mean", "minmax") that :meth:`score` computes, letting the
-    fused Triton block top-k select for this method on backend "triton"; None: always the PyTorch path."""
-
-    def q_block_size(self, q_len: int) -> int:
-        if q_len == 1:
-            return 1
-        return self.query_block_size or min(self.block_size, 16)
-
-    def select(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext) -> Selection:
-        if self.uses_fused_topk(ctx):
-            return self.fused_select(q, self.checked_summaries(summaries, q.shape[0], ctx), ctx)
-        return super().select(q, summaries, ctx)
-
-    def uses_fused_topk(self, ctx: SelectionContext) -> bool:
-        """Whether this step selects through the fused kernel: backend "triton", a ``fused_score``, per-head
-        selection at real positions, and no subclass change to how scores become a mask."""
-        if not (ctx.backend == "triton" and self.fused_score is not None and not self.share_kv_heads
-                and ctx.reposition is None):
-            return False
-        # The kernel reimplements these for the class that declared fused_score: a subclass that changes any
-        # of them keeps its own (PyTorch) selection.
-        cls = type(self)
-        owner = next(c for c in cls.__mro__ if "fused_score" in c.__dict__)
-        if any(getattr(cls, name) is not getattr(owner, name) for name in _FUSED_SELECTION_PARTS):
-            return False
-        from longattn.ops.block_topk import fused_topk_available
-
-        return fused_topk_available()  # an older Triton without tl.topk keeps the PyTorch selection
-
-    def fused_select(self, q: Tensor, summaries: Tensor, ctx: SelectionContext, backend: str = "auto") -> Selection:
-        """The Selection of :meth:`select` (static sinks + window, then the ``top_k`` best retrievable blocks)
-        with scoring, pooling and top-k fused (:func:`longattn.ops.block_topk.block_topk`): no per-query
-        ``[Tq, Nblk]`` score tensor. ``q [B, Hq, Tq, D]``, summaries ``[B, Hkv, Nblk, R, D]``.
-        """
-        from longattn.ops.block_topk import block_topk
-
-        b, hq, tq, _ = q.shape
-        bs, qbs = self.block_size, self.q_block_size(tq)
-        nkb = -(-ctx.kv_len // bs)
-        dev = q.device
-        first, last = self._query_span(tq, ctx, qbs)
-        win_lo, last_blk = window_first_block(first, self.window, bs), last // bs  # [Qblk]
-        start = self._first_keys(ctx).to(dev).expand(b)
-        has_key = self._blocks_with_keys(ctx)
-        # Same sinks as static_mask: blocks from the first valid key's up to the one holding sink token S-1.
-        sink_lo, sink_hi = start // bs, -(-(start + self.sink_tokens) // bs)
-        if backend == "auto":
-            backend = "triton" if ctx.backend == "triton" else "reference"
-        if self.top_k > 0:
-            top = block_topk(q, summaries, self.fused_score, self.top_k, qbs, win_lo, sink_lo, sink_hi, has_key,
-                             backend=backend)
-        else:
-            top = torch.full((b, hq, first.shape[0], 0), -1, dtype=torch.int32, device=dev)
-        # Widths from bounds, not from the tensors (reading those back would stall a GPU every call); unused
-        # slots become -1 padding. Sinks span at most ceil(S / bs) + 1 blocks from any start; the window runs
-        # from the block of first - window to that of first + qbs - 1: at most (qbs - 1 + window) // bs + 2.
-        ws = -(-self.sink_tokens // bs) + 1
-        ww = (qbs - 1 + self.window) // bs + 2
-        sinks = sink_lo.view(b, 1, 1, 1) + torch.arange(ws, device=dev)  # [B, 1, 1, Ws]
-        sinks = sinks.expand(b, 1, first.shape[0], ws)
-        sink_ok = (sinks < sink_hi.view(b, 1, 1, 1)) & (sinks < win_lo.view(1, 1, -1, 1))
-        window = win_lo.view(1, 1, -1, 1) + torch.arange(ww, device=dev)  # [1, 1, Qblk, Ww]
-        window_ok = window <= last_blk.view(1, 1, -1, 1)
-        ids = torch.cat([
-            torch.where(sink_ok, sinks, nkb).expand(b, hq, -1, -1),
-            torch.where(window_ok, window, nkb).expand(b, hq, -1, -1),
-            torch.where(top >= 0, top.long(), nkb),
-        ], dim=-1).sort(dim=-1).values
-        kept = ids < nkb
-        indices = torch.where(kept, ids, -1).to(torch.int32).contiguous()
-        return Selection(indices, kept.sum(-1, dtype=torch.int32), qbs, bs)
-
-    def score(self, q: Tensor, summaries: Tensor) -> Tensor:
-        """Per-query block scores: ``q [B, Hq, Tq, D]``, summaries ``[B, Hkv, Nblk, R, D]`` -> ``[B, Hq, Tq, Nblk]``."""
-        raise NotImplementedError
-
-    def block_mask(
-        self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int, prepared: Any = None
-    ) -> Tensor:
-        b, hq, tq, _ = q.shape
-        static = self.static_mask(tq, ctx, qbs)
-        scores = self.block_scores(q, summaries, ctx, qbs, prepared)  # [B, Hq, Qblk, Nblk]
-        if self.share_kv_heads:
-            scores = scores.view(b, ctx.num_kv_heads, -1, *scores.shape[2:]).amax(dim=2)
-        return static | top_blocks(scores, self.eligible_mask(tq, ctx, qbs, static), self.top_k)
-
-    def block_scores(
-        self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int, prepared: Any = None
-    ) -> Tensor:
-        """Score of every key block for every query block: ``[B, Hq, Qblk, Nblk]`` float32 (higher = keep).
-
-        The default pools :meth:`score` over each query block's queries; methods whose score is not per query
-        token (hierarchical, clustered, adaptive) override this instead.
-        """
-        return self.pooled_scores(q, self.checked_summaries(summaries, q.shape[0], ctx), qbs, ctx)
-
-    def pooled_scores(self, q: Tensor, summaries: Tensor, qbs: int, ctx: SelectionContext | None = None) -> Tensor:
-        """Max over each query block's queries of the per-query scores: ``[B, Hq, Qblk, Nblk]`` float32.
-
-        The max keeps a block that any single query of the block needs, the closest a shared selection gets
-        to per-token retrieval. Under a position policy (``ctx.reposition``) far blocks of a method with
-        ``rotatable_scores`` are scored at the policy's capped distance.
-        """
-        b, hq, tq, _ = q.shape
-        nqb = -(-tq // qbs)
-        scores = self.score(q, summaries)  # [B, Hq, Tq, Nblk]
-        if ctx is not None and ctx.reposition is not None and self.rotatable_scores:
-            scores = ctx.reposition.capped_scores(self.score, q, summaries, scores, ctx.q_offset, self.block_size)
-        # Padding rows of the last block take -inf so they never win the max.
-        scores = torch.nn.functional.pad(scores, (0, 0, 0, nqb * qbs - tq), value=float("-inf"))
-        return scores.view(b, hq, nqb, qbs, -1).amax(dim=3)
-
-
-def top_blocks(scores: Tensor, eligible: Tensor, k: int) -> Tensor:
-    """The ``k`` highest-scoring eligible blocks of each row (fewer where fewer are eligible).
-
-    Args:
-        scores: ``[B, H, Qblk, Nblk]`` float; higher is better.
-        eligible: bool, broadcastable to ``scores``.
-
-    Returns:
-        ``[B, H, Qblk, Nblk]`` bool.
-    """
-    # A non-finite score (NaN, 0 * inf in a bound) is never picked and must not take a slot from a real one.
-    scores = scores.masked_fill(~eligible | ~torch.isfinite(scores), float("-inf"))
-    picked = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    k = min(k, scores.shape[-1])
-    if k > 0:
-        top = scores.topk(k, dim=-1)
-        picked = picked.scatter(-1, top.indices, torch.isfinite(top.values))
-    return picked
+    if isinstance(spec, Method):
+        return spec
+    if isinstance(spec, str):
+        return get_method(spec)
+    if isinstance(spec, dict) and isinstance(spec.get("name"), str):
+        options = dict(spec)
+        return get_method(options.pop("name"), **options)
+    raise ValueError(f"{field} must be a Method (longattn.get_method(...)), a method name, or "
+                     f'{{"name": ..., **options}}; got {spec!r}')
 
 
 def group_queries(q: Tensor, num_kv_heads: int) -> Tensor:

@@ -10,8 +10,8 @@ from torch import Tensor
 
 import longattn.methods.base as base
 from longattn.core.checks import check_int
-from longattn.core.selection import window_first_block
-from longattn.methods.base import SelectionContext, TopKMethod
+from longattn.methods.base import SelectionContext
+from longattn.methods.topk import TopKMethod
 
 
 @dataclass
@@ -103,8 +103,7 @@ class DHSA(TopKMethod):
         hkv, bs, unit = ctx.num_kv_heads, self.block_size, self.unit
         keys = self.raw_keys(ctx)
         nqb, nkb = -(-tq // qbs), -(-ctx.kv_len // bs)
-        first, _ = self._query_span(tq, ctx, qbs)
-        lo = window_first_block(first, self.window, bs)  # window start block: [Qblk]
+        lo = self.pattern(tq, ctx, qbs).window_lo  # window start block: [Qblk]
         horizon = lo * bs // unit  # [Qblk] units before each query block's window; <= Tk // unit
         n = keys.shape[2] // unit
         if n == 0 or int(horizon.max()) == 0:

@@ -10,9 +10,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from longattn.core.checks import check_int
-from longattn.methods.base import Method, SelectionContext, group_queries, top_blocks
-from longattn.ops.sampled import sampled_attention
+from longattn.core.checks import check_fraction, check_int
+from longattn.methods.base import Method, SelectionContext, group_queries
+from longattn.methods.topk import top_blocks
+from longattn.ops.sampled import block_sums, js_distance, mass_cover, sampled_attention
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,8 @@ class FlexPrefill(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_fraction("gamma", self.gamma, low_open=True)
-        _check_fraction("tau", self.tau, low_open=False)
+        check_fraction("gamma", self.gamma, low_open=True)
+        check_fraction("tau", self.tau, low_open=False)
         check_int("min_blocks", self.min_blocks, 0)
 
     def q_block_size(self, q_len: int) -> int:
@@ -101,25 +102,25 @@ class FlexPrefill(Method):
         if ctx.key_mask is not None:
             visible = visible & ctx.key_mask.view(b, 1, 1, 1, tk)
 
-        true = _block_sums(attn.sum(2), bs)  # [B, Hq, Nblk]: column mass summed per key block
+        true = block_sums(attn.sum(2), bs)  # [B, Hq, Nblk]: column mass summed per key block
         true = true / true.sum(-1, keepdim=True).clamp_min(1e-30)
         # Estimate: a block's mass ~ (visible query-key pairs) x exp(mean q . mean k). The pair count is the
         # same for every full block, as in the paper; it only corrects the partly visible diagonal block, which
         # pooled scores alone overrate (and which made every head of a diffuse model look vertical-slash).
-        pairs = _block_sums(visible.float().sum(-2).view(-1, 1, tk), bs)  # [B or 1, 1, Nblk]
+        pairs = block_sums(visible.float().sum(-2).view(-1, 1, tk), bs)  # [B or 1, 1, Nblk]
         est_logits = torch.einsum("bhgd,bhnd->bhgn", g.mean(3), summaries[:, :, :, 0]).reshape(b, hq, nkb)
         est = torch.softmax(est_logits / math.sqrt(d) + pairs.log(), dim=-1).nan_to_num(0.0)
-        vertical_slash = _js_distance(est, true) >= self.tau  # [B, Hq]
+        vertical_slash = js_distance(est, true) >= self.tau  # [B, Hq]
 
         # Lines are kept by whole blocks: the fewest key blocks (vertical) and diagonal bands of block_size
         # offsets (slash, offset = query pos - key pos) covering gamma. Kept single columns would scatter over
         # every block on a diffuse head and select all of them.
-        columns = _cover(true, self.gamma)  # [B, Hq, Nblk]
+        columns = mass_cover(true, self.gamma)  # [B, Hq, Nblk]
         offsets = (pos.view(-1, 1) - torch.arange(tk, device=q.device).view(1, -1)).clamp(min=0)  # [n, Tk]
         slash = torch.zeros(b, hq, tk, device=q.device).scatter_add_(
             -1, offsets.reshape(1, 1, -1).expand(b, hq, -1), attn.reshape(b, hq, -1)
         )  # [B, Hq, Tk] mass per offset; non-causal pairs carry no attention, so clamping their offset adds 0
-        bands = _cover(_block_sums(slash, bs), self.gamma)  # [B, Hq, ceil(Tk / bs)]
+        bands = mass_cover(block_sums(slash, bs), self.gamma)  # [B, Hq, ceil(Tk / bs)]
         kept = bands.repeat_interleave(bs, dim=-1)[..., :tk].long()  # [B, Hq, Tk] per offset
         diagonals = torch.nn.functional.pad(kept.cumsum(-1), (1, 0))  # [B, Hq, Tk + 1]
         return Plan(vertical_slash, columns, diagonals, true)
@@ -146,7 +147,7 @@ class FlexPrefill(Method):
         scores = self.pooled_scores(q, summaries, qbs).masked_fill(~eligible, float("-inf"))  # [B, Hq, Qblk, Nblk]
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with nothing eligible are NaN
         # Ineligible blocks weigh 0 and sort last, so min_blocks counts eligible ones first.
-        picked = _cover(probs, self.gamma, self.min_blocks) & eligible
+        picked = mass_cover(probs, self.gamma, self.min_blocks) & eligible
         if bool(plan.vertical_slash.any()):
             assert plan.columns is not None and plan.diagonals is not None and plan.mass is not None
             lines = (plan.columns.unsqueeze(2) | self._diagonal_blocks(tq, ctx, qbs, plan.diagonals)) & eligible
@@ -174,7 +175,8 @@ class FlexPrefill(Method):
         ``f - s - bs + 1 <= o <= l - s``.
         """
         bs, tk = self.block_size, ctx.kv_len
-        first, last = self._query_span(q_len, ctx, qbs)
+        pattern = self.pattern(q_len, ctx, qbs)
+        first, last = pattern.first, pattern.last
         start = torch.arange(-(-tk // bs), device=first.device).view(1, -1) * bs  # [1, Nblk]
         lo = (first.view(-1, 1) - start - bs + 1).clamp(0, tk)  # [Qblk, Nblk]
         hi = (last.view(-1, 1) - start + 1).clamp(0, tk)  # exclusive
@@ -182,46 +184,3 @@ class FlexPrefill(Method):
         both = torch.stack((hi, lo)).view(1, 1, -1).expand(b, hq, -1)
         kept_below = diagonals.gather(-1, both).view(b, hq, 2, *hi.shape)  # kept offsets < hi and < lo
         return kept_below[:, :, 0] > kept_below[:, :, 1]
-
-
-def _cover(weights: Tensor, gamma: float, at_least: int = 1) -> Tensor:
-    """The fewest entries of each row, heaviest first, whose share of the row's total reaches ``gamma``
-    (and at least ``at_least`` of them); entries tied with the lightest kept one are kept too.
-
-    Args:
-        weights: ``[..., N]`` non-negative float.
-
-    Returns:
-        ``[..., N]`` bool.
-    """
-    ordered = weights.sort(dim=-1, descending=True).values
-    total = ordered.sum(-1, keepdim=True)
-    # An entry is needed while the heavier ones before it still fall short of gamma; the first always is.
-    needed = ((ordered.cumsum(-1) - ordered) < gamma * total).sum(-1, keepdim=True)
-    needed = needed.clamp(min=max(at_least, 1), max=weights.shape[-1])
-    # A threshold instead of scattering the sorted ranks back: one comparison over the row.
-    return weights >= ordered.gather(-1, needed - 1)
-
-
-def _block_sums(x: Tensor, block_size: int) -> Tensor:
-    """Sum over each key block: ``[B, H, Tk] -> [B, H, ceil(Tk / block_size)]``."""
-    pad = -x.shape[-1] % block_size
-    x = torch.nn.functional.pad(x, (0, pad))
-    return x.view(*x.shape[:-1], -1, block_size).sum(-1)
-
-
-def _js_distance(p: Tensor, q: Tensor) -> Tensor:
-    """Jensen-Shannon distance (square root of the divergence, nats) of distributions ``[..., N]`` -> ``[...]``."""
-    m = (p + q) / 2
-    # xlogy makes 0 * log 0 = 0, where one distribution has no mass.
-    kl_p = (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(-1)
-    kl_q = (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1)
-    return (0.5 * (kl_p + kl_q)).clamp_min(0.0).sqrt()
-
-
-def _check_fraction(name: str, value: object, low_open: bool) -> None:
-    """Raise ValueError unless ``value`` is a real number in ``(0, 1]`` (``low_open``) or ``[0, 1]``."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if (value > 0.0 if low_open else value >= 0.0) and value <= 1.0:  # NaN fails both
-            return
-    raise ValueError(f"{name} must be a number in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}")

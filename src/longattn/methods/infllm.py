@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from longattn.core.checks import check_int
-from longattn.methods.base import TopKMethod, group_queries
+from longattn.methods.base import group_queries
+from longattn.methods.topk import TopKMethod
 
 
 @dataclass(frozen=True)

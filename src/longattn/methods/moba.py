@@ -8,7 +8,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from longattn.methods.base import TopKMethod, group_queries
+from longattn.methods.base import group_queries
+from longattn.methods.topk import TopKMethod
 
 
 @dataclass

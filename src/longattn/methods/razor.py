@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from longattn.core.selection import Selection, window_first_block
+from longattn.core.selection import Selection
 from longattn.methods.base import SelectionContext
 from longattn.methods.duo import Duo
 from longattn.ops.merge import merge_attention
@@ -27,12 +27,16 @@ class Razor(Duo):
 
     name: ClassVar[str] = "razor"
     paper: ClassVar[str] = "RazorAttention: Efficient KV Cache Compression Through Retrieval Heads https://arxiv.org/abs/2407.15891"
+    adjusts_output: ClassVar[bool] = True
 
     def adjust_output(
         self, out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, selection: Selection, ctx: SelectionContext,
         scale: float,
     ) -> Tensor:
-        """Merge the compensation token into every streaming head's output: ``[B, Hq, Tq, D]``."""
+        """Merge the compensation token into every streaming head's output: ``[B, Hq, Tq, D]``.
+
+        Only the streaming heads' ``lse`` is read (the retrieval heads' is NaN where the operator ran them as
+        dense heads)."""
         b, hq, tq, d = q.shape
         hkv = k.shape[1]
         streaming = ~self.head_mask(ctx.layer, hq, hkv, q.device)
@@ -77,14 +81,8 @@ class Razor(Duo):
             return torch.nn.functional.pad(sums.cumsum(2), (0, 0, 1, 0))
 
         counts = torch.nn.functional.pad(weight.view(b, nkb, bs).sum(-1).cumsum(1), (1, 0))  # [B, Nblk + 1]
-        first, _ = self._query_span(q_len, ctx, qbs)
-        lo = window_first_block(first, self.window, bs)  # first window block: [Qblk]
-        start = valid.int().argmax(dim=1)  # first valid key of each row: [B]
-        sink_end = torch.where(
-            torch.tensor(self.sink_tokens > 0, device=k.device), -(-(start + self.sink_tokens) // bs), start // bs
-        )  # [B]
-        hi = lo.view(1, -1).expand(b, -1)
-        low = torch.minimum(sink_end.view(-1, 1), hi)  # [B, Qblk]: empty run where the sinks reach the window
+        # The dropped run of each query block: after its sink blocks, before its window (core.pattern).
+        low, hi = self.pattern(q_len, ctx, qbs).dropped_run(b)  # [B, Qblk]
 
         def run(p: Tensor) -> Tensor:  # [B, Hkv, Nblk + 1, D] -> [B, Hkv, Qblk, D]
             at = lambda idx: p.gather(2, idx.view(b, 1, -1, 1).expand(-1, hkv, -1, d))  # noqa: E731

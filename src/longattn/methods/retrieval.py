@@ -8,7 +8,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from longattn.methods.base import _SELECT_CHUNK_ELEMENTS, SelectionContext, TopKMethod, group_queries
+from longattn.methods.base import _SELECT_CHUNK_ELEMENTS, SelectionContext, group_queries
+from longattn.methods.topk import TopKMethod
 
 
 @dataclass

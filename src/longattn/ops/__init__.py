@@ -1,22 +1,33 @@
-"""Attention operators: block-sparse attention and the exact (out, lse) merge."""
+"""Attention operators: block-sparse attention, dense SDPA and the exact (out, lse) merge.
+
+Each op folder holds its plain definition (``naive.py``) beside the fast paths that are tested against it.
+"""
 
 from longattn.ops.block_sparse import (
     BACKENDS,
+    REPOSITION_BACKENDS,
     backend_function,
     block_sparse_attention,
     block_sparse_attention_cpu,
-    block_sparse_attention_reference,
+    block_sparse_attention_gather,
+    block_sparse_attention_naive,
+    check_backend,
     resolve_backend,
-    triton_available,
 )
+from longattn.ops.dense import dense_attention
 from longattn.ops.merge import merge_attention
+from longattn.ops.triton_utils import triton_available
 
 __all__ = [
     "BACKENDS",
+    "REPOSITION_BACKENDS",
     "backend_function",
     "block_sparse_attention",
     "block_sparse_attention_cpu",
-    "block_sparse_attention_reference",
+    "block_sparse_attention_gather",
+    "block_sparse_attention_naive",
+    "check_backend",
+    "dense_attention",
     "merge_attention",
     "resolve_backend",
     "triton_available",

@@ -1,6 +1,8 @@
 """Dense attention of a few sampled query rows: the measurement behind recall, head profiles, ACT and FlexPrefill.
 
-Every function here works on ``n`` sampled rows, so its cost is ``[n, Tk]`` per head, never ``[Tq, Tk]``.
+Every function here works on ``n`` sampled rows, so its cost is ``[n, Tk]`` per head, never ``[Tq, Tk]``; the
+last three turn such rows into per-block mass, the smallest set covering a share of it, and the distance
+between two such distributions.
 """
 
 from __future__ import annotations
@@ -106,3 +108,41 @@ def last_row_argmax(q: Tensor, k: Tensor, key_mask: Tensor | None = None) -> Ten
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask.view(b, 1, tk), float("-inf"))
     return scores.argmax(-1)
+
+
+# ------------------------------------------------- attention mass: block sums, coverage, distribution distance
+
+
+def mass_cover(weights: Tensor, gamma: float, at_least: int = 1) -> Tensor:
+    """The fewest entries of each row, heaviest first, whose share of the row's total reaches ``gamma``
+    (and at least ``at_least`` of them); entries tied with the lightest kept one are kept too.
+
+    Args:
+        weights: ``[..., N]`` non-negative float.
+
+    Returns:
+        ``[..., N]`` bool.
+    """
+    ordered = weights.sort(dim=-1, descending=True).values
+    total = ordered.sum(-1, keepdim=True)
+    # An entry is needed while the heavier ones before it still fall short of gamma; the first always is.
+    needed = ((ordered.cumsum(-1) - ordered) < gamma * total).sum(-1, keepdim=True)
+    needed = needed.clamp(min=max(at_least, 1), max=weights.shape[-1])
+    # A threshold instead of scattering the sorted ranks back: one comparison over the row.
+    return weights >= ordered.gather(-1, needed - 1)
+
+
+def block_sums(x: Tensor, block_size: int) -> Tensor:
+    """Sum over each key block: ``[B, H, Tk] -> [B, H, ceil(Tk / block_size)]``."""
+    pad = -x.shape[-1] % block_size
+    x = torch.nn.functional.pad(x, (0, pad))
+    return x.view(*x.shape[:-1], -1, block_size).sum(-1)
+
+
+def js_distance(p: Tensor, q: Tensor) -> Tensor:
+    """Jensen-Shannon distance (square root of the divergence, nats) of distributions ``[..., N]`` -> ``[...]``."""
+    m = (p + q) / 2
+    # xlogy makes 0 * log 0 = 0, where one distribution has no mass.
+    kl_p = (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(-1)
+    kl_q = (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1)
+    return (0.5 * (kl_p + kl_q)).clamp_min(0.0).sqrt()

@@ -1,70 +1,73 @@
 """Block-sparse attention operator with backend dispatch.
 
-Backends (same signature and contract, each tested against the reference):
+Backends (same signature and contract, each tested against ``naive``):
 
-- ``reference``: plain PyTorch, chunked gathers (reference.py); the only one that applies position policies.
-- ``cpu``: the reference's gathers with PyTorch's fused CPU attention kernel per chunk (cpu.py).
+- ``gather``: optimised PyTorch, chunked gathers of the selected blocks (gather.py); measured the fastest on
+  CPU, and the only fast path that applies position policies (``reposition=``).
+- ``cpu``: the gather with PyTorch's fused CPU attention kernel per chunk (cpu.py), a cross-check.
 - ``triton``: one fused Triton kernel, prefill and split-K decode (triton_kernel.py); CUDA, or Triton's
   interpreter on CPU when ``TRITON_INTERPRET=1`` is set before import.
 - ``flex``: the Selection as a FlexAttention ``BlockMask`` (flex.py); CUDA.
-- ``auto``: ``triton`` on CUDA when Triton is installed, else ``reference``.
+- ``naive``: the plain definition (naive.py): float32, a masked dense softmax per query block. Slow; for
+  tests and end-to-end checks of the others. Applies position policies too.
+- ``auto``: ``triton`` on CUDA when Triton is installed, else ``gather``.
+
+Heads a Selection marks dense (``Selection.dense_heads``) run through dense SDPA on every backend but naive.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import Callable
 
 from torch import Tensor
 
 from longattn.core.positions import Reposition
 from longattn.core.selection import Selection
+from longattn.ops.block_sparse.checks import check_inputs
 from longattn.ops.block_sparse.cpu import block_sparse_attention_cpu, cpu_kernel_available
-from longattn.ops.block_sparse.reference import block_sparse_attention_reference
+from longattn.ops.block_sparse.dense_heads import attention_with_dense_heads
+from longattn.ops.block_sparse.gather import block_sparse_attention_gather
+from longattn.ops.block_sparse.naive import block_sparse_attention_naive
+from longattn.ops.triton_utils import check_triton_runs, triton_available, triton_interpreted
 
-BACKENDS = ("auto", "reference", "cpu", "triton", "flex")
-
-
-def triton_available() -> bool:
-    """Whether the ``triton`` package is installed (``pip install 'longattn[gpu]'``)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def triton_interpreted() -> bool:
-    """Whether our Triton kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return bool(importlib.import_module("longattn.ops.block_sparse.triton_kernel").INTERPRETED)
+BACKENDS = ("auto", "gather", "cpu", "triton", "flex", "naive")
+REPOSITION_BACKENDS = ("auto", "gather", "naive")
+"""The backends that apply a position policy (``reposition=``): the PyTorch paths."""
+RENAMED_BACKENDS = {"reference": "gather"}
+"""Old backend names -> their current ones (passing an old one raises and names the new one)."""
 
 
-def check_triton_runs(device_type: str, needs: str = "the triton package") -> None:
-    """Raise unless Triton kernels can run on ``device_type`` tensors: CUDA, or CPU in Triton's interpreter."""
-    if not triton_available():
-        raise ValueError(f"backend='triton' needs {needs}: pip install 'longattn[gpu]'")
-    if device_type != "cuda" and not triton_interpreted():
+def check_backend(backend: str) -> None:
+    """Raise ``ValueError`` unless ``backend`` is one of ``BACKENDS`` (a renamed one says its new name)."""
+    if backend in RENAMED_BACKENDS:
         raise ValueError(
-            f"backend='triton' runs on CUDA tensors, got {device_type} tensors (on CPU, set TRITON_INTERPRET=1 "
-            "before importing longattn to run the kernels in Triton's interpreter, slowly)"
+            f"backend {backend!r} was renamed to {RENAMED_BACKENDS[backend]!r}; backend must be one of {BACKENDS}"
         )
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def resolve_backend(backend: str, device_type: str, positions: bool = False) -> str:
+def resolve_backend(backend: str, device_type: str, reposition: bool = False) -> str:
     """The backend "auto" stands for on ``device_type``; a forced backend that cannot run raises.
 
     Args:
-        positions: whether a position policy re-rotates keys (only "reference" implements that).
+        reposition: whether a position policy re-rotates keys (only ``REPOSITION_BACKENDS`` implement that).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if backend == "auto":
-        if positions:
-            return "reference"
+        if reposition:
+            return "gather"
         if device_type == "cuda" and triton_available():
             return "triton"
         # Measured on 2 CPU cores (benchmarks/attention_op.py): once blocks are gathered as whole runs, the
-        # plain path is as fast as the fused kernel (5.2x vs 4.6x over SDPA at 8k tokens, 10% density).
-        return "reference"
-    if positions and backend != "reference":
-        raise ValueError(f"positions= runs on backend 'reference' or 'auto' (only the reference re-rotates keys), not {backend!r}")
+        # PyTorch gather is as fast as the fused kernel (5.2x vs 4.6x over SDPA at 8k tokens, 10% density).
+        return "gather"
+    if reposition and backend not in REPOSITION_BACKENDS:
+        raise ValueError(
+            f"reposition= (a position policy that moves keys) runs on backend 'auto', 'gather' or 'naive' (only "
+            f"the PyTorch paths re-rotate keys), not {backend!r}"
+        )
     if backend == "triton":
         check_triton_runs(device_type)
     if backend == "flex":
@@ -76,10 +79,10 @@ def resolve_backend(backend: str, device_type: str, positions: bool = False) -> 
         if device_type != "cuda":
             raise ValueError(
                 f"backend='flex' runs compiled on CUDA tensors only, got {device_type} tensors (FlexAttention on "
-                "CPU would materialise every score); use 'reference' or 'cpu'"
+                "CPU would materialise every score); use 'gather' or 'cpu'"
             )
     if backend == "cpu" and not cpu_kernel_available():
-        raise ValueError("backend='cpu' needs torch's fused CPU attention kernel (torch >= 2.3); use 'reference'")
+        raise ValueError("backend='cpu' needs torch's fused CPU attention kernel (torch >= 2.3); use 'gather'")
     if backend == "cpu" and device_type != "cpu":
         raise ValueError(f"backend='cpu' runs on CPU tensors only, got {device_type} tensors")
     return backend
@@ -96,27 +99,39 @@ def block_sparse_attention(
     key_mask: Tensor | None = None,
     q_offset: int | None = None,
     backend: str = "auto",
-    positions: Reposition | None = None,
+    reposition: Reposition | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of each query block over its selected key blocks.
 
     Args:
         q: ``[B, Hq, Tq, D]``; k, v: ``[B, Hkv, Tk, D]``; selection: ``[B, H, Qblk, S]`` with H in {Hq, Hkv}.
-        backend: one of ``BACKENDS``: "reference" (plain PyTorch), "cpu" (the same gather with PyTorch's
+        backend: one of ``BACKENDS``: "gather" (optimised PyTorch), "cpu" (the same gather with PyTorch's
             fused CPU attention kernel per chunk, a cross-check), "triton" (fused GPU kernel, split-K in
-            decode), "flex" (FlexAttention with the Selection as its BlockMask) or "auto" (triton on CUDA
-            when installed, else reference). A forced backend that cannot run here raises.
-        positions: a bound position policy (context extension), see the reference; runs on "reference".
+            decode), "flex" (FlexAttention with the Selection as its BlockMask), "naive" (the plain definition,
+            slow) or "auto" (triton on CUDA when installed, else gather). A forced backend that cannot run
+            here raises.
+        reposition: a position policy bound to the model's RoPE (context extension), see
+            :func:`~longattn.ops.block_sparse.naive.block_sparse_attention_naive`; runs on "gather" (also for
+            "auto") or "naive".
+
+    Heads with ``selection.dense_heads`` True run through dense SDPA (whole GQA groups when H == Hkv, each
+    query head with its KV head when H == Hq), the others through the backend; their ``lse`` is NaN, since
+    SDPA returns none (a caller that reads ``lse`` on every head passes ``selection.without_dense_heads()``).
+    The flag is ignored, every head computed from its blocks, with a ``reposition``, with ``causal=False``
+    and on backend "naive".
 
     Returns:
         ``out [B, Hq, Tq, D]`` and ``lse [B, Hq, Tq]`` float32. See
-        :func:`~longattn.ops.block_sparse.reference.block_sparse_attention_reference` for the full contract.
+        :func:`~longattn.ops.block_sparse.naive.block_sparse_attention_naive` for the full contract.
     """
-    chosen = resolve_backend(backend, q.device.type, positions is not None)
-    if positions is not None:
-        return block_sparse_attention_reference(
-            q, k, v, selection, scale, causal=causal, key_mask=key_mask, q_offset=q_offset, positions=positions
-        )
+    chosen = resolve_backend(backend, q.device.type, reposition is not None)
+    if reposition is not None:
+        op = block_sparse_attention_naive if chosen == "naive" else block_sparse_attention_gather
+        return op(q, k, v, selection, scale, causal=causal, key_mask=key_mask, q_offset=q_offset,
+                  reposition=reposition)
+    if selection.dense_heads is not None and causal and chosen != "naive":
+        offset = check_inputs(q, k, v, selection, key_mask, q_offset)
+        return attention_with_dense_heads(q, k, v, selection, scale, key_mask, offset, backend_function(chosen))
     return backend_function(chosen)(q, k, v, selection, scale, causal=causal, key_mask=key_mask, q_offset=q_offset)
 
 
@@ -128,17 +143,26 @@ def backend_function(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
         return importlib.import_module("longattn.ops.block_sparse.flex").block_sparse_attention_flex
     if name == "cpu":
         return block_sparse_attention_cpu
-    if name == "reference":
-        return block_sparse_attention_reference
+    if name == "gather":
+        return block_sparse_attention_gather
+    if name == "naive":
+        return block_sparse_attention_naive
+    if name in RENAMED_BACKENDS:
+        check_backend(name)
     raise ValueError(f"no operator for backend {name!r}; resolve 'auto' first (resolve_backend)")
 
 
 __all__ = [
     "BACKENDS",
+    "REPOSITION_BACKENDS",
     "backend_function",
     "block_sparse_attention",
     "block_sparse_attention_cpu",
-    "block_sparse_attention_reference",
+    "block_sparse_attention_gather",
+    "block_sparse_attention_naive",
+    "check_backend",
+    "check_triton_runs",
     "resolve_backend",
     "triton_available",
+    "triton_interpreted",
 ]

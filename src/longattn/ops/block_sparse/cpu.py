@@ -1,8 +1,9 @@
-"""CPU fast path: the reference's gather, with each chunk computed by PyTorch's fused CPU flash kernel.
+"""CPU fast path: the gather backend's chunked gathers (gather.py), each chunk computed by PyTorch's fused
+CPU flash kernel.
 
 The kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``, what SDPA itself runs on CPU) does the
 masked softmax in cache-sized tiles and returns the log-sum-exp, saving the score tensor's round trips
-through memory that the plain path makes.
+through memory that gather's step-by-step softmax makes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor
 
 from longattn.core.selection import Selection
-from longattn.ops.block_sparse.reference import gathered_attention
+from longattn.ops.block_sparse.gather import gathered_attention
 
 
 def cpu_kernel_available() -> bool:
@@ -22,11 +23,11 @@ def cpu_kernel_available() -> bool:
 def attend_fused(
     q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, row_pos: Tensor, far: tuple[Tensor, Tensor, Tensor] | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Same contract as :func:`~longattn.ops.block_sparse.reference.attend_plain`, fused (one query and key per
+    """Same contract as :func:`~longattn.ops.block_sparse.gather.attend_plain`, fused (one query and key per
     pair: ``far`` must be None)."""
     if far is not None:
-        raise ValueError("the fused CPU kernel scores one query and key per pair; position policies run on "
-                         "backend='reference'")
+        raise ValueError("the fused CPU kernel scores one query and key per pair; position policies "
+                         "(reposition=) run on backend 'gather' or 'naive'")
     *lead, rows, d = q.shape
     keys = k.shape[-2]
     n = q[..., 0, 0].numel()
@@ -56,7 +57,8 @@ def block_sparse_attention_cpu(
     key_mask: Tensor | None = None,
     q_offset: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Same signature and contract as :func:`~longattn.ops.block_sparse.reference.block_sparse_attention_reference`."""
+    """Same signature and contract as :func:`~longattn.ops.block_sparse.naive.block_sparse_attention_naive`
+    (without ``reposition``)."""
     if not cpu_kernel_available():
-        raise ValueError("backend='cpu' needs torch's fused CPU attention kernel (torch >= 2.3); use 'reference'")
+        raise ValueError("backend='cpu' needs torch's fused CPU attention kernel (torch >= 2.3); use 'gather'")
     return gathered_attention(q, k, v, selection, scale, causal, key_mask, q_offset, attend_fused)

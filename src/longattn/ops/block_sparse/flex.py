@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from longattn.core.selection import Selection
-from longattn.ops.block_sparse.reference import check_inputs
+from longattn.ops.block_sparse.checks import check_inputs
 
 
 def flex_available() -> bool:
@@ -126,7 +126,8 @@ def block_sparse_attention_flex(
     key_mask: Tensor | None = None,
     q_offset: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Same signature and contract as :func:`~longattn.ops.block_sparse.reference.block_sparse_attention_reference`.
+    """Same signature and contract as :func:`~longattn.ops.block_sparse.naive.block_sparse_attention_naive`
+    (without ``reposition``).
 
     ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]``, selection ``[B, H, Qblk, S]`` -> ``out [B, Hq, Tq, D]``,
     ``lse [B, Hq, Tq]`` float32.

@@ -16,7 +16,6 @@ Triton's CPU interpreter (slow; how CI tests them), otherwise they compile for C
 
 from __future__ import annotations
 
-import os
 import math
 
 import torch
@@ -25,15 +24,13 @@ import triton.language as tl
 from torch import Tensor
 
 from longattn.core.selection import Selection
-from longattn.ops.block_sparse import check_triton_runs
-from longattn.ops.block_sparse.reference import check_inputs
+from longattn.ops.block_sparse.checks import check_inputs
+from longattn.ops.triton_utils import check_triton_runs, dot_tile, fill_splits, interpreter_requested, kernel_flags
 
 LOG2E = 1.4426950408889634
 
-# Set at import, like the kernels' own compile-or-interpret choice.
-INTERPRETED = (
-    bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else os.environ.get("TRITON_INTERPRET") == "1"
-)
+# Read at import, when the @triton.jit kernels below make their own compile-or-interpret choice.
+INTERPRETED = interpreter_requested()
 
 
 @triton.jit
@@ -153,26 +150,13 @@ def tile_config(rows: int, block_d: int, ieee: bool) -> dict[str, int]:
     tiles fit in shared memory; not tuned on our gathered loads (docs/results/gpu.md). Decode-like calls get
     16-row tiles, the least ``tl.dot`` takes.
     """
-    block_m = min(64 if ieee or block_d > 128 else 128, max(16, triton.next_power_of_2(rows)))
+    block_m = min(64 if ieee or block_d > 128 else 128, dot_tile(rows))
     return {
         "BLOCK_M": block_m,
         "BLOCK_N": 32 if ieee or block_d > 128 else 64,
         "num_warps": 8 if block_m * block_d >= 128 * 128 else 4,
         "num_stages": 2 if block_d > 128 else 3,
     }
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few splits, so tests exercise the merge
-
-
-def fill_splits(programs: int, max_tiles: int, device: torch.device) -> int:
-    """Programs to split each of ``programs`` scans of up to ``max_tiles`` tiles into (split-K): enough to fill
-    the GPU twice over, at least one tile each, at most 64. Shared by the attention and block top-k kernels."""
-    want = -(-2 * _sm_count(device) // max(programs, 1))
-    return max(1, min(want, max_tiles, 64))
 
 
 def default_num_splits(q_rows: int, programs: int, max_tiles: int, device: torch.device) -> int:
@@ -192,7 +176,8 @@ def block_sparse_attention_triton(
     key_mask: Tensor | None = None,
     q_offset: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Same signature and contract as :func:`~longattn.ops.block_sparse.reference.block_sparse_attention_reference`.
+    """Same signature and contract as :func:`~longattn.ops.block_sparse.naive.block_sparse_attention_naive`
+    (without ``reposition``).
 
     ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]`` (any strides: a cache view is read in place), selection
     ``[B, H, Qblk, S]`` -> ``out [B, Hq, Tq, D]`` in q's dtype, ``lse [B, Hq, Tq]`` float32.
@@ -232,7 +217,7 @@ def sparse_attention_launch(
     nqb, width = selection.num_q_blocks, selection.indices.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     rows = hps * qbs
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = dot_tile(d)
     # fp32 inputs get exact fp32 dots (not TF32). The interpreter computes bf16 arithmetic on raw bits, so
     # there bf16 tiles are upcast too: the same math, slower.
     ieee = q.dtype == torch.float32 or (INTERPRETED and q.dtype == torch.bfloat16)
@@ -261,7 +246,7 @@ def sparse_attention_launch(
         l_buf = torch.empty((b, hq, tq, num_splits), dtype=torch.float32, device=q.device)
         o_strides = (o_buf.stride(0), o_buf.stride(1), o_buf.stride(2), o_buf.stride(4), o_buf.stride(3))
         l_strides = l_buf.stride()
-    kvalid = key_mask.to(torch.uint8).contiguous() if key_mask is not None else q.new_ones(1, dtype=torch.uint8)
+    kvalid = kernel_flags(key_mask, q)
     idx, cnt = selection.indices, selection.counts
     grid = (nqb * row_tiles, b * hs, num_splits)
     _sparse_attn_fwd[grid](

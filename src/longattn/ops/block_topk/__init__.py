@@ -1,7 +1,8 @@
 """Block scoring + top-k (what a scored method retrieves), with backend dispatch.
 
-``reference`` is plain PyTorch (reference.py); ``triton`` fuses scoring, pooling, masking and the top-k in one
-kernel (triton_kernel.py); ``auto`` picks triton on CUDA when Triton is installed.
+``naive`` is plain PyTorch (naive.py), the definition the kernel is tested against; ``triton`` fuses scoring,
+pooling, masking and the top-k in one kernel (triton_kernel.py); ``auto`` picks triton on CUDA when Triton
+(with ``tl.topk``) is installed, else naive.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ import importlib
 
 from torch import Tensor
 
-from longattn.ops.block_sparse import check_triton_runs, triton_available
-from longattn.ops.block_topk.reference import KINDS, block_topk_reference
+from longattn.ops.block_topk.naive import KINDS, block_topk_naive
+from longattn.ops.triton_utils import check_triton_runs, triton_available
 
-TOPK_BACKENDS = ("auto", "reference", "triton")
+TOPK_BACKENDS = ("auto", "naive", "triton")
+RENAMED_TOPK_BACKENDS = {"reference": "naive"}
 
 
 def fused_topk_available() -> bool:
@@ -39,23 +41,26 @@ def block_topk(
     backend: str = "auto",
 ) -> Tensor:
     """``q [B, Hq, Tq, D]``, ``summaries [B, Hkv, Nblk, R, D]`` -> ``[B, Hq, Qblk, top_k]`` int32 block ids, best
-    first, ``-1`` padded. See :func:`~longattn.ops.block_topk.reference.block_topk_reference` for the contract.
+    first, ``-1`` padded. See :func:`~longattn.ops.block_topk.naive.block_topk_naive` for the contract.
 
     Args:
         backend: one of ``TOPK_BACKENDS``; a forced "triton" that cannot run here raises.
     """
+    if backend in RENAMED_TOPK_BACKENDS:
+        raise ValueError(f"block top-k backend {backend!r} was renamed to {RENAMED_TOPK_BACKENDS[backend]!r}; "
+                         f"backend must be one of {TOPK_BACKENDS}")
     if backend not in TOPK_BACKENDS:
         raise ValueError(f"backend must be one of {TOPK_BACKENDS}, got {backend!r}")
     device = q.device.type
     if backend == "auto":
-        backend = "triton" if device == "cuda" and fused_topk_available() else "reference"
+        backend = "triton" if device == "cuda" and fused_topk_available() else "naive"
     if backend == "triton":
         check_triton_runs(device, "the triton package with tl.topk (triton >= 3.4)")
         if not fused_topk_available():
             raise ValueError("backend='triton' needs tl.topk (triton >= 3.4): pip install -U 'longattn[gpu]'")
         fn = importlib.import_module("longattn.ops.block_topk.triton_kernel").block_topk_triton
         return fn(q, summaries, kind, top_k, q_block_size, limit, sink_lo, sink_hi, has_key)
-    return block_topk_reference(q, summaries, kind, top_k, q_block_size, limit, sink_lo, sink_hi, has_key)
+    return block_topk_naive(q, summaries, kind, top_k, q_block_size, limit, sink_lo, sink_hi, has_key)
 
 
-__all__ = ["KINDS", "TOPK_BACKENDS", "block_topk", "block_topk_reference", "fused_topk_available"]
+__all__ = ["KINDS", "TOPK_BACKENDS", "block_topk", "block_topk_naive", "fused_topk_available"]

@@ -17,9 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from longattn.ops.block_sparse import check_triton_runs
-from longattn.ops.block_sparse.triton_kernel import fill_splits
-from longattn.ops.block_topk.reference import check_topk_inputs
+from longattn.ops.block_topk.naive import check_topk_inputs
+from longattn.ops.triton_utils import check_triton_runs, dot_tile, fill_splits, kernel_flags
 
 
 # The key of "no block", below every real key. A constexpr: compiled kernels may not read plain globals.
@@ -74,7 +73,7 @@ def _block_topk_kernel(
             sc = tl.dot(q, mean_t, input_precision="ieee")
         sc = tl.where(row_ok[:, None], sc, float("-inf"))
         pooled = tl.max(sc, axis=0) + 0.0  # [BLOCK_N]; + 0.0 turns -0.0 into +0.0, as torch.topk ranks them
-        # A NaN or infinite score (0 * inf in a min/max bound) is not a candidate, as in the reference.
+        # A NaN or infinite score (0 * inf in a min/max bound) is not a candidate, as in naive.py.
         ok = ok & (pooled == pooled) & (tl.abs(pooled) < float("inf"))
         # Order-preserving int32 of a float: negative floats have their magnitude bits flipped.
         bits = pooled.to(tl.int32, bitcast=True)
@@ -104,7 +103,7 @@ def block_topk_triton(
     sink_hi: Tensor,
     has_key: Tensor | None = None,
 ) -> Tensor:
-    """Same signature and contract as :func:`~longattn.ops.block_topk.reference.block_topk_reference`:
+    """Same signature and contract as :func:`~longattn.ops.block_topk.naive.block_topk_naive`:
     ``q [B, Hq, Tq, D]``, ``summaries [B, Hkv, Nblk, R, D]`` -> ``[B, Hq, Qblk, top_k]`` int32, best first."""
     return block_topk_launch(q, summaries, kind, top_k, q_block_size, limit, sink_lo, sink_hi, has_key)
 
@@ -140,14 +139,14 @@ def block_topk_launch(
         num_splits = fill_splits(nqb * b * hq, -(-nkb // block_n), q.device)
     per_split = -(-nkb // num_splits)
     keys = torch.empty((b, hq, nqb, num_splits, kp), dtype=torch.int64, device=q.device)
-    has = has_key.to(torch.uint8).contiguous() if has_key is not None else q.new_ones(1, dtype=torch.uint8)
+    has = kernel_flags(has_key, q)
     _block_topk_kernel[(nqb, b * hq, num_splits)](
         q, summaries, keys, limit.to(torch.int32).contiguous(), sink_lo.to(torch.int32).contiguous(),
         sink_hi.to(torch.int32).contiguous(), has,
         *q.stride(), *summaries.stride(),
         tq, nkb, per_split, hq, nqb,
         G=hq // hkv, QBS=qbs, D=d, KP=kp, SPLITS=num_splits,
-        BLOCK_M=max(16, triton.next_power_of_2(qbs)), BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_M=dot_tile(qbs), BLOCK_N=block_n, BLOCK_D=dot_tile(d),
         MINMAX=kind == "minmax", HAS_MASK=has_key is not None,
         num_stages=topk_num_stages(block_n, d, kind),
     )

@@ -1,9 +1,11 @@
-"""Block scoring + top-k in plain PyTorch: the reference of the fused Triton kernel.
+"""Block scoring + top-k in plain PyTorch: the definition the fused Triton kernel is tested against, and
+backend "naive" (what runs off CUDA).
 
 Each query block scores every key block it may retrieve against the block's summary, max-pooled over the
 block's queries, and keeps the ``top_k`` best. Retrievable = before the query block's local window, outside
 the sink blocks, and holding a valid key. This is exactly what ``TopKMethod`` selects beyond its static
-sinks + window for the "mean" (``q · mean``) and "minmax" (Quest's bound) scores.
+sinks + window for the "mean" (``q · mean``) and "minmax" (Quest's bound) scores. Plain already: every score
+computed densely in float32 and ``torch.topk``; query blocks are only taken in chunks to bound memory.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ def check_topk_inputs(
     q: Tensor, summaries: Tensor, kind: str, top_k: int, q_block_size: int, limit: Tensor, sink_lo: Tensor,
     sink_hi: Tensor, has_key: Tensor | None,
 ) -> None:
-    """Validate :func:`block_topk_reference`'s arguments; errors name the argument and what it must be."""
+    """Validate :func:`block_topk_naive`'s arguments; errors name the argument and what it must be."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if q.dim() != 4:
@@ -47,7 +49,7 @@ def check_topk_inputs(
         raise ValueError(f"has_key must be a bool tensor [B={b}, Nblk={nkb}], got {has_key.dtype} {tuple(has_key.shape)}")
 
 
-def block_topk_reference(
+def block_topk_naive(
     q: Tensor,
     summaries: Tensor,
     kind: str,

@@ -1,8 +1,11 @@
-"""Block-sparse attention in plain PyTorch: the reference every fast backend is tested against.
+"""Block-sparse attention in PyTorch by gathering the selected key blocks: backend "gather".
 
-Query blocks are processed in chunks; each chunk gathers only its selected key blocks, so peak memory is
-O(chunk · S · block) and no T×T matrix is ever built. The gather loop (`gathered_attention`) is shared with
-the fused CPU backend (cpu.py), which differs only in how a chunk's masked softmax is computed.
+The optimised PyTorch path (its plain definition is naive.py, which the tests compare it against): query
+blocks are processed in chunks; each chunk copies only its selected key blocks, each as one run of the cache,
+so peak memory is O(chunk · S · block) and no T×T matrix is ever built. Measured on CPU it is as fast as the
+fused CPU kernel, so ``auto`` picks it there. The gather loop (`gathered_attention`) is shared with the fused
+CPU backend (cpu.py), which differs only in how a chunk's masked softmax is computed. The only fast path that
+applies position policies (``reposition=``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import Tensor
 
 from longattn.core.positions import Reposition
 from longattn.core.selection import Selection
+from longattn.ops.block_sparse.checks import check_inputs
 
 # Elements of the per-chunk score tensor: 8 MiB of float32 keeps a chunk's working set near the caches
 # (measured best on a 2-core CPU between 2^18 and 2^23) while amortising Python overhead.
@@ -28,38 +32,7 @@ Far = tuple[Tensor, Tensor, Tensor]
 Attend = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, "Far | None"], tuple[Tensor, Tensor]]
 
 
-def check_inputs(
-    q: Tensor, k: Tensor, v: Tensor, selection: Selection, key_mask: Tensor | None, q_offset: int | None
-) -> int:
-    """Validate operator inputs; returns the absolute position of the first query."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [B, H, T, D], got shape {tuple(t.shape)}")
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    b, hq, tq, d = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != b or k.shape[3] != d:
-        raise ValueError(f"k must be [B={b}, Hkv, Tk, D={d}], got {tuple(k.shape)}")
-    hkv, tk = k.shape[1], k.shape[2]
-    if hq % hkv != 0:
-        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
-    offset = tk - tq if q_offset is None else q_offset
-    if offset < 0 or offset + tq > tk:
-        raise ValueError(f"q_offset={offset} with q_len={tq} must fit inside kv_len={tk}")
-    if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != (b, tk)):
-        raise ValueError(f"key_mask must be a bool tensor [B={b}, Tk={tk}], got {key_mask.dtype} {tuple(key_mask.shape)}")
-    for name, t in (("k", k), ("v", v), ("key_mask", key_mask)):
-        if t is not None and t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    selection.validate(tq, tk, hq, hkv, b, q.device)
-    return offset
-
-
-def block_sparse_attention_reference(
+def block_sparse_attention_gather(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -69,28 +42,16 @@ def block_sparse_attention_reference(
     causal: bool = True,
     key_mask: Tensor | None = None,
     q_offset: int | None = None,
-    positions: Reposition | None = None,
+    reposition: Reposition | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Attention of each query block over its selected key blocks.
+    """Same signature and contract as :func:`~longattn.ops.block_sparse.naive.block_sparse_attention_naive`
+    (its plain definition), computed by chunked gathers of the selected blocks.
 
-    Args:
-        q: ``[B, Hq, Tq, D]`` queries; query row ``i`` sits at position ``q_offset + i``.
-        k, v: ``[B, Hkv, Tk, D]`` keys and values (not repeated for GQA; ``Hq = G * Hkv``).
-        selection: indices ``[B, H, Qblk, S]`` with ``H`` in ``{Hq, Hkv}``; when ``H == Hkv`` the group's
-            query heads share one gather of K/V.
-        scale: softmax scale, default ``1/sqrt(D)``.
-        causal: mask keys after each query's position (inside blocks that cross the diagonal).
-        key_mask: ``[B, Tk]`` bool, False for keys no query may attend (padding).
-        q_offset: absolute position of query row 0; default ``Tk - Tq`` (queries are the newest keys).
-        positions: a position policy bound to the model's RoPE (context extension): keys of selected blocks
-            before each query block's local window are re-rotated to the distance the policy gives them
-            (``q``/``k`` must then be post-RoPE); None keeps every real position.
-
-    Returns:
-        ``out [B, Hq, Tq, D]`` in q's dtype and ``lse [B, Hq, Tq]`` float32 (natural log). A row with no
-        attendable key gets ``out = 0`` and ``lse = -inf`` so that merging stays exact.
+    ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]``, selection ``[B, H, Qblk, S]`` with H in {Hq, Hkv} ->
+    ``out [B, Hq, Tq, D]`` in q's dtype, ``lse [B, Hq, Tq]`` float32 (``0`` and ``-inf`` on rows without a
+    key). ``reposition``: a bound position policy; far keys are re-rotated (``q``/``k`` post-RoPE).
     """
-    return gathered_attention(q, k, v, selection, scale, causal, key_mask, q_offset, attend_plain, positions)
+    return gathered_attention(q, k, v, selection, scale, causal, key_mask, q_offset, attend_plain, reposition)
 
 
 def gathered_attention(
@@ -103,15 +64,15 @@ def gathered_attention(
     key_mask: Tensor | None,
     q_offset: int | None,
     attend: Attend,
-    positions: Reposition | None = None,
+    reposition: Reposition | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chunked gather of the selected key blocks, handing each chunk to ``attend``. Shapes as in
-    :func:`block_sparse_attention_reference`; only the selected keys are copied, plus one rotated copy of
+    :func:`block_sparse_attention_gather`; only the selected keys are copied, plus one rotated copy of
     ``k`` when a position policy shifts keys by their own position (infllm, self_extend: O(T·D), not per query).
     """
     offset = check_inputs(q, k, v, selection, key_mask, q_offset)
-    if positions is not None and not causal:
-        raise ValueError("positions= re-encodes distances to earlier keys and needs causal=True")
+    if reposition is not None and not causal:
+        raise ValueError("reposition= (a position policy) re-encodes distances to earlier keys; it needs causal=True")
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     hs = selection.num_heads
@@ -129,7 +90,7 @@ def gathered_attention(
     # block is read as the window ending at Tk; its tokens of the previous block are masked out.
     runs = k.is_contiguous() and v.is_contiguous() and tk >= bs
     # A position policy with a per-token key shift rotates the whole cache once; far keys are gathered from it.
-    k_moved = positions.shifted_keys(k) if positions is not None else None
+    k_moved = reposition.shifted_keys(k) if reposition is not None else None
     if runs:
         kwin = k.reshape(-1).unfold(0, bs * d, d)  # [B*Hkv*Tk - bs + 1, bs*D]
         vwin = v.reshape(-1).unfold(0, bs * d, d)
@@ -195,17 +156,17 @@ def gathered_attention(
             if valid_rows is not None:
                 ok &= valid_rows.index_select(0, (bi * tk + pos).flatten()).view(pos.shape)
             qc, far = qr[:, :, start:stop], None
-            if positions is not None:
-                far_blocks, block, query = positions.plan(idx, pos, row_pos[start:stop], bs, ok)
+            if reposition is not None:
+                far_blocks, block, query = reposition.plan(idx, pos, row_pos[start:stop], bs, ok)
                 if mwin is None and query is None:
                     # Only whole blocks move (longheads): rotate them in the one gathered copy, near ones by 0.
                     if block is not None:
-                        kg = positions.rotate(kg.view(b, hs, c, width, bs, d), block).view(kg.shape)
+                        kg = reposition.rotate(kg.view(b, hs, c, width, bs, d), block).view(kg.shape)
                 else:
                     moved = kg if mwin is None else mwin.index_select(0, where).view(kg.shape)
                     if block is not None:
-                        moved = positions.rotate(moved.view(b, hs, c, width, bs, d), block).view(kg.shape)
-                    q_far = qc if query is None else positions.rotate(qc, query.view(1, 1, c, rows))
+                        moved = reposition.rotate(moved.view(b, hs, c, width, bs, d), block).view(kg.shape)
+                    q_far = qc if query is None else reposition.rotate(qc, query.view(1, 1, c, rows))
                     mask = far_blocks.expand(b, hs, c, width, bs).reshape(b, hs, c, 1, width * bs)
                     far = (q_far, moved, mask)
             # Invalid keys get a position after every query, so one comparison applies causality and validity.
