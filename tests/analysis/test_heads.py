@@ -8,10 +8,8 @@ import math
 import pytest
 import torch
 
-import longattn
 from longattn.analysis.heads import HeadRecorder
 from longattn.bench.profiling import copy_hits
-from longattn.core.profile import SCHEMA_VERSION, HeadProfile, model_identity
 from longattn.ops.sampled import local_mass, sampled_attention
 from longattn.core.selection import Selection
 from tests.conftest import tiny_model

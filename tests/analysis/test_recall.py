@@ -23,7 +23,7 @@ def _dense_reference(q, k, selection, scale, rows):
     probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
     nblk = -(-tk // selection.kv_block_size)
     blocks = selection.to_mask(nblk).repeat_interleave(hq // selection.num_heads, dim=1)
-    tokens = blocks.repeat_interleave(selection.q_block_size, 2)[:, :, :tq].repeat_interleave(
+    tokens = blocks.repeat_interleave(selection.query_block_size, 2)[:, :, :tq].repeat_interleave(
         selection.kv_block_size, 3)[..., :tk]
     return (probs * tokens)[:, :, rows].sum(-1)
 

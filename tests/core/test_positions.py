@@ -94,7 +94,7 @@ def _reference(q0, k0, v, selection, policy, window):
     """Attention with pre-RoPE ``q0 [Hq, T, D]``, ``k0, v [Hkv, T, D]``: each pair scored at its virtual distance."""
     hq, t, _ = q0.shape
     group = hq // k0.shape[0]
-    bs, qbs = selection.kv_block_size, selection.q_block_size
+    bs, qbs = selection.kv_block_size, selection.query_block_size
     out = torch.zeros(hq, t, D)
     for h in range(hq):
         for i in range(t):

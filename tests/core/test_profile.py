@@ -4,7 +4,6 @@ field with an error naming it."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 

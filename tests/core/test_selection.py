@@ -36,7 +36,7 @@ def test_concat_pads_to_the_widest_part():
     joined = Selection.concat([a, b])
     assert joined.indices.tolist() == [[[[0, -1, -1], [0, 1, 2], [1, -1, -1]]]]
     assert joined.counts.tolist() == [[[1, 3, 1]]]
-    with pytest.raises(ValueError, match="equal q_block_size"):
+    with pytest.raises(ValueError, match="equal query_block_size"):
         Selection.concat([a, Selection.from_mask(torch.ones(1, 1, 1, 3, dtype=torch.bool), 8, 4)])
 
 
@@ -45,7 +45,7 @@ def test_counts_out_of_range_and_bad_block_sizes_raise():
     too_many = Selection(sel.indices, sel.counts + 1, 4, 4)
     with pytest.raises(ValueError, match="counts must lie"):
         too_many.validate(4, 8, 1, 1, 1)
-    with pytest.raises(ValueError, match="q_block_size"):
+    with pytest.raises(ValueError, match="query_block_size"):
         Selection(sel.indices, sel.counts, 16.0, 4)
     with pytest.raises(ValueError, match="kv_block_size"):
         Selection(sel.indices, sel.counts, 4, True)

@@ -144,7 +144,7 @@ def test_full_gamma_keeps_every_causal_block(tk, decode):
     k = torch.randn(1, 2, tk, 8, generator=g) * 5
     method = FlexPrefill(block_size=16, sink_tokens=0, window=0, gamma=1.0, tau=0.0)
     mask = _select(method, q, k)
-    qbs = method.q_block_size(q.shape[2])
+    qbs = method.query_block_size_for(q.shape[2])
     causal = method.causal_block_mask(q.shape[2], _ctx(q, k), qbs).expand_as(mask)
     assert torch.equal(mask, causal)
 
@@ -196,4 +196,4 @@ def test_bad_config_raises_value_error(config, match):
 def test_edge_configs_are_accepted():
     FlexPrefill(gamma=1.0, tau=0.0, min_blocks=0)
     FlexPrefill(gamma=1e-3, tau=1.0)
-    assert FlexPrefill().q_block_size(4096) == 16 and FlexPrefill().q_block_size(1) == 1
+    assert FlexPrefill().query_block_size_for(4096) == 16 and FlexPrefill().query_block_size_for(1) == 1

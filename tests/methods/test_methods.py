@@ -111,7 +111,7 @@ def test_full_budget_is_dense_and_causal(case, tk, decode, seed):
     dense, _ = block_sparse_attention(q, k, v, dense_sel)
     torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-4)
     # Causality of the selection: a query block's blocks never start after its last query.
-    qbs = sel.q_block_size
+    qbs = sel.query_block_size
     last = (tk - tq + torch.arange(sel.num_q_blocks) * qbs + qbs - 1).clamp(max=tk - 1)
     starts = torch.where(sel.indices >= 0, sel.indices * full.block_size, torch.zeros_like(sel.indices))
     assert bool((starts <= last.view(1, 1, -1, 1)).all())
@@ -276,7 +276,7 @@ def test_padding_blocks_are_never_retrieved_and_sinks_follow_the_padding():
 
 
 def test_scored_methods_pool_at_most_16_queries_by_default():
-    assert longattn.get_method("moba", block_size=64).q_block_size(100) == 16
-    assert longattn.get_method("moba", block_size=64, query_block_size=64).q_block_size(100) == 64
-    assert longattn.get_method("streaming", block_size=64).q_block_size(100) == 64
-    assert longattn.get_method("moba").q_block_size(1) == 1
+    assert longattn.get_method("moba", block_size=64).query_block_size_for(100) == 16
+    assert longattn.get_method("moba", block_size=64, query_block_size=64).query_block_size_for(100) == 64
+    assert longattn.get_method("streaming", block_size=64).query_block_size_for(100) == 64
+    assert longattn.get_method("moba").query_block_size_for(1) == 1

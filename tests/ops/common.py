@@ -56,7 +56,7 @@ def masked_dense(q, k, v, selection, key_mask=None, q_offset=None):
     """An independent check of naive: dense attention with the token mask a Selection implies (small shapes)."""
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
-    bs, qbs = selection.kv_block_size, selection.q_block_size
+    bs, qbs = selection.kv_block_size, selection.query_block_size
     offset = tk - tq if q_offset is None else q_offset
     nkb = -(-tk // bs)
     blocks = selection.to_mask(nkb).cpu()  # [B, H, Qblk, Nblk]

@@ -148,7 +148,7 @@ def test_fused_selection_equals_the_methods_own(name, config, tq, tk, padded, to
     nkb = -(-tk // method.block_size)
     assert torch.equal(fused.to_mask(nkb), plain.to_mask(nkb))
     assert torch.equal(fused.counts, plain.counts)
-    assert (fused.q_block_size, fused.kv_block_size) == (plain.q_block_size, plain.kv_block_size)
+    assert (fused.query_block_size, fused.kv_block_size) == (plain.query_block_size, plain.kv_block_size)
     fused.validate(tq, tk, 4, 2, 2)
     # Guard: the budget really leaves blocks out.
     assert int(fused.counts[..., -1].max()) < nkb

@@ -56,7 +56,7 @@ def attention_recall(
         rows = positions[first : first + step]
         probs = sampled_attention(q, k, scale, rows, key_mask)  # [B, Hq, n, Tk]
         # Only the sampled rows' query blocks become masks: the whole [Qblk, Nblk] mask grows as T^2.
-        qb = rows // selection.q_block_size
+        qb = rows // selection.query_block_size
         picked = Selection(selection.indices[:, :, qb], selection.counts[:, :, qb], 1, selection.kv_block_size)
         blocks = picked.to_mask(nblk)  # [B, H, n, Nblk]
         if blocks.shape[1] != hq:

@@ -23,7 +23,7 @@ class Selection:
         indices: ``[B, H, Qblk, S]`` int32 key-block indices; valid entries come first, then ``-1`` padding.
             ``H`` is the number of query heads, or of KV heads when one selection is shared by a GQA group.
         counts: ``[B, H, Qblk]`` int32 number of valid entries in each row of ``indices``.
-        q_block_size: queries per query block (query block ``j`` holds query rows ``[j*q_block_size, ...)``).
+        query_block_size: queries per query block (query block ``j`` holds query rows ``[j*query_block_size, ...)``).
         kv_block_size: keys per key block (key block ``n`` holds keys ``[n*kv_block_size, ...)``).
         dense_heads: ``[H]`` bool or None: True where a head attends every causal key. Such a head's rows still
             list every causal block (so :meth:`pairs`, :meth:`to_mask` and observers stay exact); the flag only
@@ -34,7 +34,7 @@ class Selection:
 
     indices: Tensor
     counts: Tensor
-    q_block_size: int
+    query_block_size: int
     kv_block_size: int
     dense_heads: Tensor | None = None
 
@@ -49,7 +49,7 @@ class Selection:
             raise ValueError(
                 f"indices and counts must be int32, got {self.indices.dtype} and {self.counts.dtype}"
             )
-        check_int("q_block_size", self.q_block_size, 1)
+        check_int("query_block_size", self.query_block_size, 1)
         check_int("kv_block_size", self.kv_block_size, 1)
         dense = self.dense_heads
         if dense is not None:
@@ -76,7 +76,7 @@ class Selection:
 
     @classmethod
     def from_mask(
-        cls, mask: Tensor, q_block_size: int, kv_block_size: int, dense_heads: Tensor | None = None
+        cls, mask: Tensor, query_block_size: int, kv_block_size: int, dense_heads: Tensor | None = None
     ) -> "Selection":
         """Build a Selection from a block mask.
 
@@ -95,7 +95,7 @@ class Selection:
         keyed = torch.where(mask, ids, torch.full_like(ids, nblk))
         ordered = keyed.sort(dim=-1).values[..., :width]
         indices = torch.where(ordered < nblk, ordered, torch.full_like(ordered, -1))
-        return cls(indices.contiguous(), counts, q_block_size, kv_block_size, dense_heads)
+        return cls(indices.contiguous(), counts, query_block_size, kv_block_size, dense_heads)
 
     @classmethod
     def concat(cls, parts: list["Selection"]) -> "Selection":
@@ -105,8 +105,8 @@ class Selection:
         if len(parts) == 1:
             return parts[0]
         first = parts[0]
-        if any((p.q_block_size, p.kv_block_size) != (first.q_block_size, first.kv_block_size) for p in parts):
-            raise ValueError("concat needs selections with equal q_block_size and kv_block_size")
+        if any((p.query_block_size, p.kv_block_size) != (first.query_block_size, first.kv_block_size) for p in parts):
+            raise ValueError("concat needs selections with equal query_block_size and kv_block_size")
         if any(p.indices.shape[:2] != first.indices.shape[:2] for p in parts):
             raise ValueError("concat needs selections with equal batch and head dimensions [B, H]")
         dense = first.dense_heads
@@ -119,7 +119,7 @@ class Selection:
             [torch.nn.functional.pad(p.indices, (0, width - p.indices.shape[-1]), value=-1) for p in parts], dim=2
         )
         counts = torch.cat([p.counts for p in parts], dim=2)
-        return cls(indices, counts, first.q_block_size, first.kv_block_size, dense)
+        return cls(indices, counts, first.query_block_size, first.kv_block_size, dense)
 
     def to_mask(self, num_kv_blocks: int) -> Tensor:
         """Block mask ``[B, H, Qblk, num_kv_blocks]`` bool (the inverse of :meth:`from_mask`)."""
@@ -142,10 +142,10 @@ class Selection:
             raise ValueError(
                 f"selection heads H={h} must equal the query heads ({num_q_heads}) or the KV heads ({num_kv_heads})"
             )
-        expected_qb = -(-q_len // self.q_block_size)
+        expected_qb = -(-q_len // self.query_block_size)
         if qb != expected_qb:
             raise ValueError(
-                f"selection has {qb} query blocks but q_len={q_len} with q_block_size={self.q_block_size} "
+                f"selection has {qb} query blocks but q_len={q_len} with query_block_size={self.query_block_size} "
                 f"needs {expected_qb}"
             )
         nblk = -(-kv_len // self.kv_block_size)
@@ -185,7 +185,7 @@ class Selection:
         newest keys); it attends key ``j`` of a selected block when ``j <= q_offset + i``.
         """
         offset = kv_len - q_len if q_offset is None else q_offset
-        bs, qbs = self.kv_block_size, self.q_block_size
+        bs, qbs = self.kv_block_size, self.query_block_size
         b, h, nqb, s = self.indices.shape
         device = self.indices.device
         q_start = offset + torch.arange(nqb, device=device) * qbs  # [Qblk]

@@ -93,8 +93,8 @@ class ACT(Method):
     def summariser(self) -> "str | Callable[..., Tensor] | None":
         return self.base.summariser()
 
-    def q_block_size(self, q_len: int) -> int:
-        return self.base.q_block_size(q_len)
+    def query_block_size_for(self, q_len: int) -> int:
+        return self.base.query_block_size_for(q_len)
 
     def select(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext) -> Selection:
         """base's Selection, without dense heads: the calibration reads the lse of every head."""
@@ -169,7 +169,7 @@ class ACT(Method):
 
     def _attended(self, selection: Selection, sinks: Tensor, tq: int, tk: int, hq: int) -> Tensor:
         """Whether each query row attends each sink (selected block, causal): ``[B, Hq, Tq, m]`` bool."""
-        qbs, bs = selection.q_block_size, selection.kv_block_size
+        qbs, bs = selection.query_block_size, selection.kv_block_size
         idx = selection.indices
         if idx.shape[1] != hq:  # a per-KV-head selection serves each group of query heads
             idx = idx.repeat_interleave(hq // idx.shape[1], dim=1)

@@ -119,7 +119,7 @@ class Method:
         configured callable, or what a wrapped method scores."""
         return self.summary
 
-    def q_block_size(self, q_len: int) -> int:
+    def query_block_size_for(self, q_len: int) -> int:
         """Query block size for a step of ``q_len`` queries: 1 in decode, else the configured size."""
         return 1 if q_len == 1 else (self.query_block_size or self.block_size)
 
@@ -150,7 +150,7 @@ class Method:
             Selection ``[B, H, Qblk, S]``.
         """
         b, hq, tq, _ = q.shape
-        qbs = self.q_block_size(tq)
+        qbs = self.query_block_size_for(tq)
         nqb, nkb = -(-tq // qbs), -(-ctx.kv_len // self.block_size)
         prepared = self.prepare(q, summaries, ctx)
         pattern = self.pattern(tq, ctx, qbs)

@@ -44,7 +44,7 @@ class Dense(Method):
         """Every causal block, built directly (no mask: dense is the baseline, its selection must cost next to
         nothing): ``q [B, Hq, Tq, D]`` -> ``[B, Hkv, Qblk, Nblk]``, one row per KV head."""
         b, tq = q.shape[0], q.shape[2]
-        qbs = self.q_block_size(tq)
+        qbs = self.query_block_size_for(tq)
         pattern = self.pattern(tq, ctx, qbs)
         blocks = torch.arange(pattern.num_kv_blocks, device=q.device, dtype=torch.int32)
         causal = blocks.view(1, -1) <= pattern.causal_hi.view(-1, 1)  # [Qblk, Nblk]

@@ -125,10 +125,10 @@ class Duo(Method):
     def summariser(self) -> "str | Callable[..., Tensor] | None":
         return self.selector.summariser() if isinstance(self.selector, Method) else None
 
-    def q_block_size(self, q_len: int) -> int:
+    def query_block_size_for(self, q_len: int) -> int:
         if isinstance(self.selector, Method):
-            return self.selector.q_block_size(q_len)
-        return super().q_block_size(q_len)
+            return self.selector.query_block_size_for(q_len)
+        return super().query_block_size_for(q_len)
 
     def prepare(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext) -> Any:
         return self.selector.prepare(q, summaries, ctx) if isinstance(self.selector, Method) else None

@@ -71,7 +71,7 @@ class FlexPrefill(Method):
         check_fraction("tau", self.tau, low_open=False)
         check_int("min_blocks", self.min_blocks, 0)
 
-    def q_block_size(self, q_len: int) -> int:
+    def query_block_size_for(self, q_len: int) -> int:
         if q_len == 1:
             return 1
         return self.query_block_size or min(self.block_size, 16)
@@ -82,7 +82,7 @@ class FlexPrefill(Method):
         return self.plan(q, self.checked_summaries(summaries, q.shape[0], ctx), ctx)
 
     def plan(self, q: Tensor, summaries: Tensor, ctx: SelectionContext) -> Plan:
-        """Decide each head's pattern from the last ``q_block_size`` rows of ``q [B, Hq, Tq, D]`` (a full block
+        """Decide each head's pattern from the last ``query_block_size`` rows of ``q [B, Hq, Tq, D]`` (a full block
         even where the step's last query block is partial), against every key of ``ctx.keys``.
 
         Decode (``Tq = 1``) and ``gamma = 1`` need no decision (nor raw keys): every head is query-aware.
@@ -92,7 +92,7 @@ class FlexPrefill(Method):
             return Plan(vertical_slash=torch.zeros(b, hq, dtype=torch.bool, device=q.device))
         bs, tk, hkv = self.block_size, ctx.kv_len, ctx.num_kv_heads
         nkb = -(-tk // bs)
-        n = min(self.q_block_size(tq), tq)
+        n = min(self.query_block_size_for(tq), tq)
         pos = ctx.q_offset + tq - n + torch.arange(n, device=q.device)  # [n] absolute query positions
         g = group_queries(q[:, :, -n:], hkv)  # [B, Hkv, G, n, D]
         # True attention of the last query block: n x Tk per head, linear in the context.

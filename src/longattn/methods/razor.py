@@ -42,8 +42,8 @@ class Razor(Duo):
         streaming = ~self.head_mask(ctx.layer, hq, hkv, q.device)
         if not bool(streaming.any()):
             return out
-        k_mean, v_mean, count = self.compensation(k, v, tq, ctx, selection.q_block_size)  # per query block
-        qbs = selection.q_block_size
+        k_mean, v_mean, count = self.compensation(k, v, tq, ctx, selection.query_block_size)  # per query block
+        qbs = selection.query_block_size
         # Expand per query block to per query row: [B, Hkv, Tq, D].
         k_rows = k_mean.repeat_interleave(qbs, dim=2)[:, :, :tq]
         v_rows = v_mean.repeat_interleave(qbs, dim=2)[:, :, :tq]

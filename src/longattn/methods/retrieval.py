@@ -39,7 +39,7 @@ class Retrieval(TopKMethod):
     )
     summary: ClassVar[str | None] = None
 
-    def q_block_size(self, q_len: int) -> int:
+    def query_block_size_for(self, q_len: int) -> int:
         return 1 if q_len == 1 else (self.query_block_size or 1)
 
     def block_scores(

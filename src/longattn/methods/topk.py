@@ -40,7 +40,7 @@ class TopKMethod(Method):
         if not isinstance(self.share_kv_heads, bool):
             raise ValueError(f"share_kv_heads must be a bool, got {self.share_kv_heads!r}")
 
-    def q_block_size(self, q_len: int) -> int:
+    def query_block_size_for(self, q_len: int) -> int:
         if q_len == 1:
             return 1
         return self.query_block_size or min(self.block_size, 16)
@@ -68,7 +68,7 @@ class TopKMethod(Method):
         from longattn.ops.block_topk import block_topk
 
         b, hq, tq, _ = q.shape
-        qbs = self.q_block_size(tq)
+        qbs = self.query_block_size_for(tq)
         pattern = self.pattern(tq, ctx, qbs)
         nkb, nqb, dev = pattern.num_kv_blocks, pattern.num_q_blocks, q.device
         if backend == "auto":

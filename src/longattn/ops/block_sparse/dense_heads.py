@@ -68,7 +68,7 @@ def attention_with_dense_heads(
     emptied = Selection(
         torch.where(keep.view(1, -1, 1, 1), plain.indices, torch.full_like(plain.indices, -1)),
         torch.where(keep.view(1, -1, 1), plain.counts, torch.zeros_like(plain.counts)),
-        plain.q_block_size,
+        plain.query_block_size,
         plain.kv_block_size,
     )
     out, lse = sparse(q, k, v, emptied, scale, causal=True, key_mask=key_mask, q_offset=offset)

@@ -57,7 +57,7 @@ def selection_block_mask(
     """
     from torch.nn.attention.flex_attention import BlockMask
 
-    bs, qbs = selection.kv_block_size, selection.q_block_size
+    bs, qbs = selection.kv_block_size, selection.query_block_size
     idx, cnt = selection.indices, selection.counts
     if idx.shape[2] == 1:
         # One query block (decode, short chunks): any block height >= q_len means the same; a power of two
@@ -140,10 +140,10 @@ def block_sparse_attention_flex(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     on_gpu = q.device.type == "cuda"
     single = selection.num_q_blocks == 1
-    if on_gpu and (selection.kv_block_size < 16 or (selection.q_block_size < 16 and not single)):
+    if on_gpu and (selection.kv_block_size < 16 or (selection.query_block_size < 16 and not single)):
         raise ValueError(
-            f"backend='flex' needs kv_block_size >= 16 and q_block_size >= 16 (or one query block), got "
-            f"kv_block_size={selection.kv_block_size}, q_block_size={selection.q_block_size}; use backend='triton'"
+            f"backend='flex' needs kv_block_size >= 16 and query_block_size >= 16 (or one query block), got "
+            f"kv_block_size={selection.kv_block_size}, query_block_size={selection.query_block_size}; use backend='triton'"
         )
     mask = selection_block_mask(selection, tq, tk, hq, offset, causal, key_mask)
     kwargs: dict[str, Any] = {"block_mask": mask, "scale": scale, "enable_gqa": hq != hkv}
@@ -179,7 +179,7 @@ def rows_without_keys(
     A row sees a key iff the earliest valid key of its selected blocks is at or before it; that minimum is
     one value per query block, so the cost is O(B·H·Qblk·S + B·H·Tq), never per pair.
     """
-    bs, qbs = selection.kv_block_size, selection.q_block_size
+    bs, qbs = selection.kv_block_size, selection.query_block_size
     idx = selection.indices.long()
     b = idx.shape[0]
     nkb = -(-kv_len // bs)

@@ -76,7 +76,7 @@ def gathered_attention(
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     hs = selection.num_heads
-    bs, qbs = selection.kv_block_size, selection.q_block_size
+    bs, qbs = selection.kv_block_size, selection.query_block_size
     nqb = selection.num_q_blocks
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     heads_per_sel = hq // hs  # query heads that share one selection row

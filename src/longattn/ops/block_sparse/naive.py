@@ -56,7 +56,7 @@ def block_sparse_attention_naive(
         raise ValueError("reposition= (a position policy) re-encodes distances to earlier keys; it needs causal=True")
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
-    bs, qbs = selection.kv_block_size, selection.q_block_size
+    bs, qbs = selection.kv_block_size, selection.query_block_size
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     nkb = -(-tk // bs)
     # Everything per query head, in float32: query head h reads KV head h // (Hq / Hkv) and selection head

@@ -213,7 +213,7 @@ def sparse_attention_launch(
         raise ValueError(f"backend='triton' supports head dims up to 256, got D={d}")
     hs = selection.num_heads
     hps, spk = hq // hs, hs // hkv
-    bs, qbs = selection.kv_block_size, selection.q_block_size
+    bs, qbs = selection.kv_block_size, selection.query_block_size
     nqb, width = selection.num_q_blocks, selection.indices.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     rows = hps * qbs

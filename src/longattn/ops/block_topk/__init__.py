@@ -32,7 +32,7 @@ def block_topk(
     summaries: Tensor,
     kind: str,
     top_k: int,
-    q_block_size: int,
+    query_block_size: int,
     limit: Tensor,
     sink_lo: Tensor,
     sink_hi: Tensor,
@@ -59,8 +59,8 @@ def block_topk(
         if not fused_topk_available():
             raise ValueError("backend='triton' needs tl.topk (triton >= 3.4): pip install -U 'longattn[gpu]'")
         fn = importlib.import_module("longattn.ops.block_topk.triton_kernel").block_topk_triton
-        return fn(q, summaries, kind, top_k, q_block_size, limit, sink_lo, sink_hi, has_key)
-    return block_topk_naive(q, summaries, kind, top_k, q_block_size, limit, sink_lo, sink_hi, has_key)
+        return fn(q, summaries, kind, top_k, query_block_size, limit, sink_lo, sink_hi, has_key)
+    return block_topk_naive(q, summaries, kind, top_k, query_block_size, limit, sink_lo, sink_hi, has_key)
 
 
 __all__ = ["KINDS", "TOPK_BACKENDS", "block_topk", "block_topk_naive", "fused_topk_available"]

@@ -20,7 +20,7 @@ _CHUNK_ELEMENTS = 1 << 22
 
 
 def check_topk_inputs(
-    q: Tensor, summaries: Tensor, kind: str, top_k: int, q_block_size: int, limit: Tensor, sink_lo: Tensor,
+    q: Tensor, summaries: Tensor, kind: str, top_k: int, query_block_size: int, limit: Tensor, sink_lo: Tensor,
     sink_hi: Tensor, has_key: Tensor | None,
 ) -> None:
     """Validate :func:`block_topk_naive`'s arguments; errors name the argument and what it must be."""
@@ -37,9 +37,9 @@ def check_topk_inputs(
         raise ValueError(f"query heads ({hq}) must be a multiple of the summaries' KV heads ({summaries.shape[1]})")
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
-    if not isinstance(q_block_size, int) or q_block_size < 1:
-        raise ValueError(f"q_block_size must be an int >= 1, got {q_block_size!r}")
-    nqb, nkb = -(-tq // q_block_size), summaries.shape[2]
+    if not isinstance(query_block_size, int) or query_block_size < 1:
+        raise ValueError(f"query_block_size must be an int >= 1, got {query_block_size!r}")
+    nqb, nkb = -(-tq // query_block_size), summaries.shape[2]
     if limit.shape != (nqb,):
         raise ValueError(f"limit must be [Qblk={nqb}] (first non-retrievable block of each query block), got "
                          f"{tuple(limit.shape)}")
@@ -54,7 +54,7 @@ def block_topk_naive(
     summaries: Tensor,
     kind: str,
     top_k: int,
-    q_block_size: int,
+    query_block_size: int,
     limit: Tensor,
     sink_lo: Tensor,
     sink_hi: Tensor,
@@ -63,7 +63,7 @@ def block_topk_naive(
     """The ``top_k`` retrievable key blocks of every query block, best first.
 
     Args:
-        q: ``[B, Hq, Tq, D]`` post-RoPE queries; query block ``j`` holds rows ``[j*q_block_size, ...)``.
+        q: ``[B, Hq, Tq, D]`` post-RoPE queries; query block ``j`` holds rows ``[j*query_block_size, ...)``.
         summaries: ``[B, Hkv, Nblk, R, D]`` float block summaries: R=1 ``mean`` key, or R=2 ``(min, max)``.
         kind: "mean" (score ``q · mean``) or "minmax" (``sum_d max(q_d·min_d, q_d·max_d)``).
         limit: ``[Qblk]`` int: blocks ``>= limit[j]`` (the local window and later) are not retrievable.
@@ -73,10 +73,10 @@ def block_topk_naive(
     Returns:
         ``[B, Hq, Qblk, top_k]`` int32 block ids by descending pooled score, ``-1`` where fewer are retrievable.
     """
-    check_topk_inputs(q, summaries, kind, top_k, q_block_size, limit, sink_lo, sink_hi, has_key)
+    check_topk_inputs(q, summaries, kind, top_k, query_block_size, limit, sink_lo, sink_hi, has_key)
     b, hq, tq, d = q.shape
     hkv, nkb = summaries.shape[1], summaries.shape[2]
-    qbs = q_block_size
+    qbs = query_block_size
     nqb = -(-tq // qbs)
     s = summaries.float()
     blocks = torch.arange(nkb, device=q.device)

@@ -97,7 +97,7 @@ def block_topk_triton(
     summaries: Tensor,
     kind: str,
     top_k: int,
-    q_block_size: int,
+    query_block_size: int,
     limit: Tensor,
     sink_lo: Tensor,
     sink_hi: Tensor,
@@ -105,7 +105,7 @@ def block_topk_triton(
 ) -> Tensor:
     """Same signature and contract as :func:`~longattn.ops.block_topk.naive.block_topk_naive`:
     ``q [B, Hq, Tq, D]``, ``summaries [B, Hkv, Nblk, R, D]`` -> ``[B, Hq, Qblk, top_k]`` int32, best first."""
-    return block_topk_launch(q, summaries, kind, top_k, q_block_size, limit, sink_lo, sink_hi, has_key)
+    return block_topk_launch(q, summaries, kind, top_k, query_block_size, limit, sink_lo, sink_hi, has_key)
 
 
 def block_topk_launch(
@@ -113,7 +113,7 @@ def block_topk_launch(
     summaries: Tensor,
     kind: str,
     top_k: int,
-    q_block_size: int,
+    query_block_size: int,
     limit: Tensor,
     sink_lo: Tensor,
     sink_hi: Tensor,
@@ -123,11 +123,11 @@ def block_topk_launch(
     block_n: int | None = None,
 ) -> Tensor:
     """:func:`block_topk_triton` with the launch geometry exposed (tests force splits and tile widths)."""
-    check_topk_inputs(q, summaries, kind, top_k, q_block_size, limit, sink_lo, sink_hi, has_key)
+    check_topk_inputs(q, summaries, kind, top_k, query_block_size, limit, sink_lo, sink_hi, has_key)
     check_triton_runs(q.device.type)
     b, hq, tq, d = q.shape
     hkv, nkb = summaries.shape[1], summaries.shape[2]
-    qbs = q_block_size
+    qbs = query_block_size
     nqb = -(-tq // qbs)
     kp = triton.next_power_of_2(top_k)
     if block_n is None:

@@ -1,0 +1,188 @@
+"""Hugging Face integration: load the default model, and run any method inside ``model.generate``.
+
+``apply`` registers one attention function, "longattn", through transformers' public ``AttentionInterface``
+and a matching mask function through ``AttentionMaskInterface``. The function finds the active session
+through an attribute ``apply`` sets on each attention module, so two models (or nested ``apply`` calls)
+never share state, and nothing lives in module globals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from longattn.core.positions import Rope
+from longattn.hf.loading import DEFAULT_GGUF, INSTALL_DEFAULT, default_model_path, load_model
+from longattn.hf.session import AttentionStats, Observer, Session
+from longattn.methods.base import Method
+from longattn.ops.block_sparse import check_backend, resolve_backend
+
+ATTENTION_NAME = "longattn"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_SESSION_ATTR = "_longattn_session"
+
+__all__ = [
+    "ATTENTION_NAME", "DEFAULT_GGUF", "INSTALL_DEFAULT", "SUPPORTED_MODEL_TYPES", "AttentionStats", "Observer",
+    "Session", "apply", "check_model", "default_model_path", "load_model",
+]
+
+
+def _attention_forward(
+    module: Any,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """The function registered as "longattn" in ``transformers.AttentionInterface``.
+
+    Args:
+        query: ``[B, Hq, Tq, D]``; key, value: ``[B, Hkv, Tk, D]`` (cache included, not repeated for GQA).
+        attention_mask: what :func:`_mask_function` built: None, or ``[B, Tk]`` bool key validity.
+
+    Returns:
+        ``([B, Tq, Hq, D], None)``: attention weights are never materialised.
+    """
+    session: Session | None = getattr(module, _SESSION_ATTR, None)
+    if session is None:
+        raise RuntimeError(
+            "the 'longattn' attention implementation only runs inside `with longattn.apply(model, method):`"
+        )
+    if dropout and module.training:
+        raise ValueError("longattn is inference-only: attention dropout must be 0 (call model.eval())")
+    if kwargs.get("sliding_window") is not None:
+        raise ValueError("sliding-window attention layers are not supported by longattn")
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
+        raise ValueError(
+            f"longattn cannot honour an attention mask of shape {tuple(attention_mask.shape)} and dtype "
+            f"{attention_mask.dtype}; pass a 2-D padding mask [batch, length] (custom 4-D masks are not supported)"
+        )
+    if query.shape[2] > key.shape[2]:
+        raise ValueError(f"more queries ({query.shape[2]}) than keys ({key.shape[2]}): the cache is not causal")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return session.attend(module, query, key, value, attention_mask, scale), None
+
+
+def _mask_function(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: Tensor | None = None,
+    **kwargs: Any,
+) -> Tensor | None:
+    """Mask builder registered as "longattn" in ``AttentionMaskInterface``.
+
+    Instead of a ``[B, 1, Tq, Tk]`` matrix it returns the ``[B, Tk]`` bool key-validity vector (None without
+    padding): causality is positional and applied by the operator. Masks it cannot express raise.
+    """
+    from transformers.masking_utils import causal_mask_function
+
+    if mask_function is not causal_mask_function:
+        raise ValueError(
+            "longattn supports plain causal attention with padding only; this model or input asked for another "
+            "mask (sliding window, packed sequences or a custom mask function)"
+        )
+    if kv_offset != 0 or int(q_offset) + q_length != kv_length:
+        raise ValueError(
+            "longattn needs the queries to be the newest keys of a growing cache (DynamicCache); got "
+            f"q_offset={int(q_offset)}, q_length={q_length}, kv_length={kv_length}, kv_offset={kv_offset} "
+            "(static or sliding caches are not supported)"
+        )
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != (batch_size, kv_length):
+        raise ValueError(
+            f"attention_mask must be [batch={batch_size}, length={kv_length}], got {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask.to(torch.bool)
+    return None if bool(mask.all()) else mask
+
+
+def _attention_modules(model: Any) -> list[Any]:
+    return [m.self_attn for m in model.modules() if hasattr(m, "self_attn") and hasattr(m.self_attn, "layer_idx")]
+
+
+def check_model(model: Any) -> None:
+    """Raise a ValueError naming the reason if ``apply`` cannot run ``model`` correctly."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model type {model_type!r} is not supported; longattn supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if can_set is None or not can_set():
+        raise ValueError(f"{type(model).__name__} does not dispatch attention through AttentionInterface")
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        raise ValueError(f"model has non-full attention layers {sorted(set(layer_types))}; only full attention is supported")
+    if model_type == "mistral" and getattr(config, "sliding_window", None):
+        raise ValueError("Mistral with sliding_window set is not supported; set config.sliding_window = None")
+    if not _attention_modules(model):
+        raise ValueError(f"no attention modules with a layer_idx found in {type(model).__name__}")
+
+
+class apply:  # noqa: N801 - used as a context manager, reads like a function: `with longattn.apply(...)`
+    """Run ``model`` with ``method`` inside the block; restore its attention implementation on exit.
+
+    Example::
+
+        with longattn.apply(model, longattn.get_method("moba", top_k=8)) as session:
+            model.generate(**inputs)
+        print(session.prefill_stats.density)
+    """
+
+    def __init__(self, model: Any, method: Method, backend: str = "auto", observer: Observer | None = None) -> None:
+        if not isinstance(method, Method):
+            raise ValueError(f"method must be a longattn Method (see longattn.get_method), got {type(method).__name__}")
+        check_backend(backend)
+        check_model(model)
+        method.check_model(model)  # a per-head method made for another model fails here, before any forward
+        self.model = model
+        if observer is not None and not callable(observer):
+            raise ValueError(f"observer must be callable(layer, q, k, selection, scale, key_mask), got {observer!r}")
+        # The model's RoPE is read only when the method's position policy moves keys (and fails clearly on a
+        # RoPE variant it cannot re-rotate).
+        rope = Rope.from_model(model) if method.position_policy().changes_positions else None
+        self.session = Session(method, backend, observer=observer, rope=rope)
+        # A backend that cannot run on the model's device fails here, before any forward pass.
+        params = next(iter(model.parameters()), None)
+        if params is not None:
+            resolve_backend(backend, params.device.type, self.session.reposition is not None)
+        self._previous: str | None = None
+        self._modules: list[Any] = []
+
+    def __enter__(self) -> Session:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(ATTENTION_NAME, _attention_forward)
+        AttentionMaskInterface.register(ATTENTION_NAME, _mask_function)
+        self._previous = self.model.config._attn_implementation
+        self._modules = _attention_modules(self.model)
+        if any(getattr(m, _SESSION_ATTR, None) is not None for m in self._modules):
+            raise RuntimeError("longattn.apply is already active on this model; exit it before applying again")
+        for m in self._modules:
+            setattr(m, _SESSION_ATTR, self.session)
+        try:
+            self.model.set_attn_implementation(ATTENTION_NAME)
+        except Exception:
+            self.__exit__()
+            raise
+        return self.session
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.set_attn_implementation(self._previous)
+        for m in self._modules:
+            if hasattr(m, _SESSION_ATTR):
+                delattr(m, _SESSION_ATTR)
+        if self.session.index is not None:
+            self.session.index.reset()

