@@ -11,7 +11,8 @@ from torch import Tensor
 
 from longattn.core.profile import HeadProfile, as_profile
 from longattn.core.selection import Selection
-from longattn.methods.base import Method, SelectionContext, as_method
+from longattn.methods import as_method
+from longattn.methods.base import Method, SelectionContext
 from longattn.ops.sampled import sample_positions, sampled_attention, sink_ratio
 
 # Membership of sinks in a chunk of query blocks' selections is [B, H, Qblk, S, sinks]: bounded per chunk.

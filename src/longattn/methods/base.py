@@ -14,53 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar
 
-import torch
 from torch import Tensor
 
 from longattn.core.checks import check_int
+from longattn.core.context import SelectionContext
 from longattn.core.pattern import StepPattern
-from longattn.core.positions import PositionPolicy, Reposition, position_policy
+from longattn.core.positions import PositionPolicy, position_policy
 from longattn.core.selection import Selection
 
 # Elements of a chunk's [B, H, query blocks, key blocks] masks and scores: selection runs chunk by chunk so
 # its memory stays linear in the context (the full block-level matrix is quadratic).
 _SELECT_CHUNK_ELEMENTS = 1 << 22
-
-
-@dataclass
-class SelectionContext:
-    """What a method may know about the step besides the queries.
-
-    Attributes:
-        kv_len: keys in the cache after this step (``Tk``).
-        q_offset: absolute position of query row 0 (``Tk - Tq`` for a causal decoder).
-        layer: layer index.
-        num_kv_heads: ``Hkv``.
-        key_mask: ``[B, Tk]`` bool, False on padding keys; None when every key is valid.
-        device: where the step's tensors live.
-        keys: ``[B, Hkv, Tk, D]`` this layer's post-RoPE keys, cache included (a view, never a copy), for
-            methods that score raw keys instead of block summaries; None where the caller has none.
-        reposition: the session's position policy when it moves keys (None otherwise); methods with
-            ``rotatable_scores`` score far blocks at its capped distance.
-        backend: the attention backend this step runs on, resolved ("gather", "cpu", "triton", "flex");
-            on "triton", methods with a ``fused_score`` select through the fused block top-k kernel.
-        patterns: the step's cache of :class:`~longattn.core.pattern.StepPattern` by :meth:`StepPattern.key`,
-            shared by every layer of one forward step (the session clears it between steps); None: no cache.
-        pattern: the pattern of exactly these queries, set by :meth:`Method.select` for each chunk it hands to
-            :meth:`Method.block_mask`.
-    """
-
-    kv_len: int
-    q_offset: int
-    layer: int
-    num_kv_heads: int
-    key_mask: Tensor | None = None
-    device: torch.device = torch.device("cpu")
-    keys: Tensor | None = None
-    reposition: Reposition | None = None
-    backend: str = "gather"
-    patterns: dict[tuple[int, ...], StepPattern] | None = None
-    pattern: StepPattern | None = None
 
 
 @dataclass
@@ -138,17 +102,8 @@ class Method:
         return built
 
     def select(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext) -> Selection:
-        """Choose key blocks for each query block.
-
-        Args:
-            q: ``[B, Hq, Tq, D]`` post-RoPE queries of this step.
-            summaries: ``[B, Hkv, Nblk, R, D]`` float32 block summaries from the layer's BlockIndex (None when
-                the method keeps no index).
-            ctx: step context.
-
-        Returns:
-            Selection ``[B, H, Qblk, S]``.
-        """
+        """Key blocks for each query block: ``q [B, Hq, Tq, D]`` post-RoPE queries, ``summaries [B, Hkv, Nblk, R,
+        D]`` float32 from the layer's BlockIndex (None without one) -> Selection ``[B, H, Qblk, S]``."""
         b, hq, tq, _ = q.shape
         qbs = self.query_block_size_for(tq)
         nqb, nkb = -(-tq // qbs), -(-ctx.kv_len // self.block_size)
@@ -209,10 +164,7 @@ class Method:
         return self.pattern(q_len, ctx, qbs).causal_mask()
 
     def eligible_mask(self, q_len: int, ctx: SelectionContext, qbs: int, static: Tensor) -> Tensor:
-        """Blocks a query block may retrieve: causal, not already static, not all padding.
-
-        Returns ``[B or 1, 1, Qblk, Nblk]`` bool.
-        """
+        """Blocks a query block may retrieve (causal, not static, not all padding): ``[B or 1, 1, Qblk, Nblk]``."""
         return self.pattern(q_len, ctx, qbs).eligible_mask(static)
 
     def checked_summaries(self, summaries: Tensor | None, batch: int, ctx: SelectionContext) -> Tensor:
@@ -235,22 +187,6 @@ class Method:
                 f"got {got}"
             )
         return ctx.keys
-
-
-def as_method(spec: "Method | str | dict[str, Any]", field: str) -> Method:
-    """A Method from ``spec``: an instance as is, a registered name with its defaults, or a JSON-style
-    ``{"name": ..., **options}`` (what the CLI's ``--set`` can express). ``field`` names the option in errors."""
-    from longattn.methods import get_method
-
-    if isinstance(spec, Method):
-        return spec
-    if isinstance(spec, str):
-        return get_method(spec)
-    if isinstance(spec, dict) and isinstance(spec.get("name"), str):
-        options = dict(spec)
-        return get_method(options.pop("name"), **options)
-    raise ValueError(f"{field} must be a Method (longattn.get_method(...)), a method name, or "
-                     f'{{"name": ..., **options}}; got {spec!r}')
 
 
 def group_queries(q: Tensor, num_kv_heads: int) -> Tensor:

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from longattn.core.profile import HeadProfile, as_profile, model_identity
 from longattn.core.selection import Selection
-from longattn.methods.base import Method, SelectionContext, as_method
+from longattn.methods import as_method
+from longattn.methods.base import Method, SelectionContext
 
 GRANULARITIES = ("kv_head", "query_head")
 # Selectors must score blocks: these only keep a fixed pattern, or wrap another method.

@@ -1,0 +1,52 @@
+"""SelectionContext: what a method may know about a step besides its queries.
+
+The session (``longattn.hf``) builds one per layer call from what the whole step shares (the resolved
+backend, the step's pattern cache); methods read it. It lives in ``core`` because both sides use it and it
+holds only core types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from longattn.core.pattern import StepPattern
+from longattn.core.positions import Reposition
+
+
+@dataclass
+class SelectionContext:
+    """What a method may know about the step besides the queries.
+
+    Attributes:
+        kv_len: keys in the cache after this step (``Tk``).
+        q_offset: absolute position of query row 0 (``Tk - Tq`` for a causal decoder).
+        layer: layer index.
+        num_kv_heads: ``Hkv``.
+        key_mask: ``[B, Tk]`` bool, False on padding keys; None when every key is valid.
+        device: where the step's tensors live.
+        keys: ``[B, Hkv, Tk, D]`` this layer's post-RoPE keys, cache included (a view, never a copy), for
+            methods that score raw keys instead of block summaries; None where the caller has none.
+        reposition: the session's position policy when it moves keys (None otherwise); methods with
+            ``rotatable_scores`` score far blocks at its capped distance.
+        backend: the attention backend this step runs on, resolved ("gather", "cpu", "triton", "flex");
+            on "triton", methods with a ``fused_score`` select through the fused block top-k kernel.
+        patterns: the step's cache of :class:`~longattn.core.pattern.StepPattern` by :meth:`StepPattern.key`,
+            shared by every layer of one forward step (the session clears it between steps); None: no cache.
+        pattern: the pattern of exactly these queries, set by :meth:`Method.select` for each chunk it hands to
+            :meth:`Method.block_mask`.
+    """
+
+    kv_len: int
+    q_offset: int
+    layer: int
+    num_kv_heads: int
+    key_mask: Tensor | None = None
+    device: torch.device = torch.device("cpu")
+    keys: Tensor | None = None
+    reposition: Reposition | None = None
+    backend: str = "gather"
+    patterns: dict[tuple[int, ...], StepPattern] | None = None
+    pattern: StepPattern | None = None
