@@ -58,11 +58,11 @@ def test_dense_heads_travel_with_the_selection():
     a = Selection.from_mask(torch.ones(1, 2, 1, 2, dtype=torch.bool), 4, 4, dense_heads=flags)
     b = Selection.from_mask(torch.tensor([[[[True, True]], [[False, True]]]]), 4, 4, dense_heads=flags)
     joined = Selection.concat([a, b])
-    assert torch.equal(joined.dense_heads, flags) and joined.counts.tolist() == [[[2, 2], [2, 1]]]
-    assert joined.without_dense_heads().dense_heads is None and torch.equal(joined.dense_heads, flags)
+    assert joined.dense_heads == tuple(flags.tolist()) and joined.counts.tolist() == [[[2, 2], [2, 1]]]
+    assert joined.without_dense_heads().dense_heads is None and joined.dense_heads == (True, False)
     plain = Selection.from_mask(torch.ones(1, 2, 1, 2, dtype=torch.bool), 4, 4)
     for other in (plain, Selection.from_mask(torch.ones(1, 2, 1, 2, dtype=torch.bool), 4, 4, dense_heads=~flags)):
         with pytest.raises(ValueError, match="equal dense_heads"):
             Selection.concat([a, other])
-    with pytest.raises(ValueError, match=r"dense_heads must be a bool tensor \[H=2\]"):
+    with pytest.raises(ValueError, match=r"dense_heads must be H=2 bools"):
         Selection.from_mask(torch.ones(1, 2, 1, 2, dtype=torch.bool), 4, 4, dense_heads=torch.tensor([1, 0]))

@@ -122,7 +122,7 @@ def test_dense_heads_of_the_base_run_through_the_operator():
     # The calibration reads the lse of every head, which SDPA-computed dense heads do not have.
     q, k = torch.randn(1, 4, 64, 8), torch.randn(1, 2, 64, 8)
     ctx = SelectionContext(kv_len=64, q_offset=0, layer=0, num_kv_heads=2, keys=k)
-    assert longattn.get_method("dense").select(q, None, ctx).dense_heads.all()
+    assert longattn.get_method("dense").select(q, None, ctx).all_dense
     assert longattn.get_method("act").select(q, None, ctx).dense_heads is None
 
 

@@ -205,7 +205,7 @@ def test_retrieval_heads_are_dense_heads_and_equal_the_operator_over_every_block
     ctx = SelectionContext(kv_len=130, q_offset=130 - tq, layer=0, num_kv_heads=2, key_mask=key_mask, keys=k)
     sel = method.select(q, None, ctx)
     dense = [False, False, True, True] if granularity == "kv_head" else [False, True, False, False]
-    assert sel.dense_heads.tolist() == dense
+    assert list(sel.dense_heads) == dense
     fast, lse = block_sparse_attention(q, k, v, sel, 0.3, key_mask=key_mask)  # dense heads through SDPA
     ref, ref_lse = block_sparse_attention(q, k, v, sel.without_dense_heads(), 0.3, key_mask=key_mask)
     rows = torch.ones(2, 4, tq, 1, dtype=torch.bool)

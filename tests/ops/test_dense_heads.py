@@ -118,13 +118,15 @@ def test_sparse_heads_really_stay_sparse():
 
 def test_dense_heads_validation():
     sel = Selection.from_mask(torch.ones(1, 2, 1, 1, dtype=torch.bool), 16, 16)
-    for bad in (torch.ones(3, dtype=torch.bool), torch.ones(2), torch.ones(1, 2, dtype=torch.bool), [True, False]):
-        with pytest.raises(ValueError, match=r"dense_heads must be a bool tensor \[H=2\]"):
+    for bad in (torch.ones(3, dtype=torch.bool), torch.ones(2), torch.ones(1, 2, dtype=torch.bool), (True,),
+                (1, 0), "tf"):
+        with pytest.raises(ValueError, match=r"dense_heads must be H=2 bools"):
             Selection(sel.indices, sel.counts, 16, 16, bad)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="dense_heads is on meta but indices are on cpu"):
-        Selection(sel.indices, sel.counts, 16, 16, torch.ones(2, dtype=torch.bool, device="meta"))
-    flagged = Selection(sel.indices, sel.counts, 16, 16, torch.tensor([True, False]))
+    for flags in ([True, False], (True, False), torch.tensor([True, False])):  # stored host-side, as a tuple
+        flagged = Selection(sel.indices, sel.counts, 16, 16, flags)  # type: ignore[arg-type]
+        assert flagged.dense_heads == (True, False) and not flagged.all_dense
     assert flagged.without_dense_heads().dense_heads is None and sel.without_dense_heads() is sel
+    assert Selection(sel.indices, sel.counts, 16, 16, (True, True)).all_dense and not sel.all_dense
 
 
 def test_all_dense_heads_skip_the_backend(monkeypatch):
@@ -141,3 +143,15 @@ def test_all_dense_heads_skip_the_backend(monkeypatch):
     out, lse = block_sparse_attention(q, k, v, sel, key_mask=key_mask)
     ref, _ = block_sparse_attention_naive(q, k, v, sel, key_mask=key_mask)
     assert rel_rms(out, ref) < 1e-5 and bool(torch.isnan(lse).all())
+
+
+def test_a_bad_sparse_head_is_still_caught_beside_dense_ones():
+    # The dispatcher skips the Selection's value check for dense heads; the backend still checks the others.
+    q, k, v, key_mask, q_offset, sel, flags = _inputs(CASES[0], False, PATTERNS["first"])
+    indices = sel.indices.clone()
+    indices[0, 1, 0, 0] = 10_000
+    bad = Selection(indices, sel.counts, sel.query_block_size, sel.kv_block_size, sel.dense_heads)
+    with pytest.raises(ValueError, match="selection indices must lie in"):
+        block_sparse_attention(q, k, v, bad)
+    with pytest.raises(ValueError, match=r"selection \[B, H\]"):
+        block_sparse_attention(q[:, :3], k[:, :1], v[:, :1], sel)

@@ -8,6 +8,7 @@ holds only core types.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,8 +34,9 @@ class SelectionContext:
             ``rotatable_scores`` score far blocks at its capped distance.
         backend: the attention backend this step runs on, resolved ("gather", "cpu", "triton", "flex");
             on "triton", methods with a ``fused_score`` select through the fused block top-k kernel.
-        patterns: the step's cache of :class:`~longattn.core.pattern.StepPattern` by :meth:`StepPattern.key`,
-            shared by every layer of one forward step (the session clears it between steps); None: no cache.
+        step_cache: what is built once per forward step and shared by its layers (the session clears it between
+            steps): :class:`~longattn.core.pattern.StepPattern` by :meth:`StepPattern.key`, and what a method
+            keys under its own name (``dense``'s Selection); None: no cache.
         pattern: the pattern of exactly these queries, set by :meth:`Method.select` for each chunk it hands to
             :meth:`Method.block_mask`.
     """
@@ -48,5 +50,5 @@ class SelectionContext:
     keys: Tensor | None = None
     reposition: Reposition | None = None
     backend: str = "gather"
-    patterns: dict[tuple[int, ...], StepPattern] | None = None
+    step_cache: dict[tuple, Any] | None = None
     pattern: StepPattern | None = None

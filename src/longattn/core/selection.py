@@ -25,18 +25,20 @@ class Selection:
         counts: ``[B, H, Qblk]`` int32 number of valid entries in each row of ``indices``.
         query_block_size: queries per query block (query block ``j`` holds query rows ``[j*query_block_size, ...)``).
         kv_block_size: keys per key block (key block ``n`` holds keys ``[n*kv_block_size, ...)``).
-        dense_heads: ``[H]`` bool or None: True where a head attends every causal key. Such a head's rows still
-            list every causal block (so :meth:`pairs`, :meth:`to_mask` and observers stay exact); the flag only
-            lets the operator run it through dense SDPA, whose ``lse`` is NaN (see
+        dense_heads: ``H`` bools (a tuple) or None: True where a head attends every causal key. Such a head's
+            rows still list every causal block (so :meth:`pairs`, :meth:`to_mask` and observers stay exact);
+            the flag only lets the operator run it through dense SDPA, whose ``lse`` is NaN (see
             :func:`~longattn.ops.block_sparse.block_sparse_attention`). A promise of the method that builds
-            the Selection, not checked against ``indices``.
+            the Selection, not checked against ``indices``. Host-side on purpose: which heads go where decides
+            the launches, and a device tensor would be read back at every layer. A list or a 1-D bool tensor
+            is accepted and stored as a tuple.
     """
 
     indices: Tensor
     counts: Tensor
     query_block_size: int
     kv_block_size: int
-    dense_heads: Tensor | None = None
+    dense_heads: tuple[bool, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.indices.dim() != 4:
@@ -53,13 +55,20 @@ class Selection:
         check_int("kv_block_size", self.kv_block_size, 1)
         dense = self.dense_heads
         if dense is not None:
-            if not isinstance(dense, Tensor) or dense.dtype != torch.bool or dense.shape != (self.num_heads,):
-                got = f"{dense.dtype} {tuple(dense.shape)}" if isinstance(dense, Tensor) else type(dense).__name__
-                raise ValueError(
-                    f"dense_heads must be a bool tensor [H={self.num_heads}] (one flag per selection head), got {got}"
-                )
-            if dense.device != self.indices.device:
-                raise ValueError(f"dense_heads is on {dense.device} but indices are on {self.indices.device}")
+            if isinstance(dense, Tensor) and dense.dtype == torch.bool and dense.dim() == 1:
+                dense = tuple(dense.tolist())
+            if not isinstance(dense, (tuple, list)) or len(dense) != self.num_heads or not all(
+                isinstance(f, bool) for f in dense
+            ):
+                got = f"a {dense.dtype} tensor of shape {tuple(dense.shape)}" if isinstance(dense, Tensor) else repr(dense)
+                raise ValueError(f"dense_heads must be H={self.num_heads} bools (a tuple, list or 1-D bool tensor, one "
+                                 f"flag per selection head), got {got}")
+            object.__setattr__(self, "dense_heads", tuple(dense))
+
+    @property
+    def all_dense(self) -> bool:
+        """Whether every head is dense (the operator then needs no block-sparse backend)."""
+        return self.dense_heads is not None and all(self.dense_heads)
 
     @property
     def num_heads(self) -> int:
@@ -76,13 +85,14 @@ class Selection:
 
     @classmethod
     def from_mask(
-        cls, mask: Tensor, query_block_size: int, kv_block_size: int, dense_heads: Tensor | None = None
+        cls, mask: Tensor, query_block_size: int, kv_block_size: int,
+        dense_heads: "tuple[bool, ...] | list[bool] | Tensor | None" = None,
     ) -> "Selection":
         """Build a Selection from a block mask.
 
         Args:
             mask: ``[B, H, Qblk, Nblk]`` bool, True where query block attends key block.
-            dense_heads: ``[H]`` bool, see the class attribute (rows of those heads must hold every causal block).
+            dense_heads: ``H`` bools, see the class attribute (rows of those heads must hold every causal block).
         """
         if mask.dtype != torch.bool or mask.dim() != 4:
             raise ValueError(f"mask must be a [B, H, Qblk, Nblk] bool tensor, got {mask.dtype} {tuple(mask.shape)}")
@@ -110,9 +120,7 @@ class Selection:
         if any(p.indices.shape[:2] != first.indices.shape[:2] for p in parts):
             raise ValueError("concat needs selections with equal batch and head dimensions [B, H]")
         dense = first.dense_heads
-        if any((p.dense_heads is None) != (dense is None) for p in parts) or (
-            dense is not None and not all(torch.equal(p.dense_heads, dense) for p in parts)
-        ):
+        if any(p.dense_heads != dense for p in parts):
             raise ValueError("concat needs selections with equal dense_heads (the same heads dense in every part)")
         width = max(p.indices.shape[-1] for p in parts)
         indices = torch.cat(

@@ -86,7 +86,7 @@ class Session:
     rope: Rope | None = None
     """The model's RoPE, needed when the method's ``positions`` policy moves keys (``apply`` reads it)."""
     reposition: Reposition | None = field(default=None, init=False)
-    _patterns: dict = field(default_factory=dict, init=False, repr=False)
+    _step_cache: dict = field(default_factory=dict, init=False, repr=False)
     _step: tuple[int, int, int] = field(default=(-1, -1, -1), init=False, repr=False)
     _backends: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
@@ -119,7 +119,7 @@ class Session:
         cache grows between steps, so a repeated ``(Tq, Tk)`` or a layer index that does not increase means
         a new step (a new ``generate`` call included)."""
         if (tq, tk) != self._step[:2] or layer <= self._step[2]:
-            self._patterns.clear()
+            self._step_cache.clear()
         self._step = (tq, tk, layer)
         if device_type not in self._backends:
             self._backends[device_type] = resolve_backend(self.backend, device_type, self.reposition is not None)
@@ -133,7 +133,7 @@ class Session:
         backend = self._begin(layer, tq, tk, q.device.type)
         ctx = SelectionContext(
             kv_len=tk, q_offset=tk - tq, layer=layer, num_kv_heads=hkv, key_mask=key_mask, device=q.device, keys=k,
-            reposition=self.reposition, backend=backend, patterns=self._patterns,
+            reposition=self.reposition, backend=backend, step_cache=self._step_cache,
         )
         summaries = None
         if self.index is not None:
@@ -144,7 +144,10 @@ class Session:
         )
         if self.method.adjusts_output:
             out = self.method.adjust_output(out, lse, q, k, v, selection, ctx, scale)
-        self._count(tq, tk, selection.pairs(tq, tk).sum() * (hq // selection.num_heads), b * hq)
+        # Every head dense: its pairs are the causal ones, known without counting the Selection's blocks.
+        computed = b * hq * causal_pairs(tq, tk) if selection.all_dense else (
+            selection.pairs(tq, tk).sum() * (hq // selection.num_heads))
+        self._count(tq, tk, computed, b * hq)
         if self.observer is not None:
             self.observer(layer, q, k, selection, scale, key_mask)
         return out.transpose(1, 2)  # HF reshapes [B, Tq, Hq, D] itself

@@ -89,16 +89,16 @@ class Method:
 
     def pattern(self, q_len: int, ctx: SelectionContext, qbs: int) -> StepPattern:
         """Sinks, window and causal limits of these ``q_len`` queries with this method's geometry: the one
-        ``ctx`` carries, else the step's cached one, else built (and cached in ``ctx.patterns``)."""
+        ``ctx`` carries, else the step's cached one, else built (and cached in ``ctx.step_cache``)."""
         key = (self.block_size, qbs, self.sink_tokens, self.window, ctx.kv_len, ctx.q_offset, q_len)
         if ctx.pattern is not None and ctx.pattern.key() == key:
             return ctx.pattern
-        if ctx.patterns is not None and key in ctx.patterns:
-            return ctx.patterns[key]
+        if ctx.step_cache is not None and key in ctx.step_cache:
+            return ctx.step_cache[key]
         built = StepPattern.build(q_len, ctx.kv_len, ctx.q_offset, self.block_size, qbs, self.sink_tokens,
                                   self.window, ctx.key_mask, ctx.device)
-        if ctx.patterns is not None:
-            ctx.patterns[key] = built
+        if ctx.step_cache is not None:
+            ctx.step_cache[key] = built
         return built
 
     def select(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext) -> Selection:

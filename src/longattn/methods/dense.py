@@ -41,15 +41,21 @@ class Dense(Method):
         return self.causal_block_mask(tq, ctx, qbs).expand(b, hq, -1, -1)
 
     def select(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext) -> Selection:
-        """Every causal block, built directly (no mask: dense is the baseline, its selection must cost next to
-        nothing): ``q [B, Hq, Tq, D]`` -> ``[B, Hkv, Qblk, Nblk]``, one row per KV head."""
+        """Every causal block, built directly and once per step (dense is the baseline: its selection must cost
+        next to nothing): ``q [B, Hq, Tq, D]`` -> ``[B, Hkv, Qblk, Nblk]``, one row per KV head."""
         b, tq = q.shape[0], q.shape[2]
         qbs = self.query_block_size_for(tq)
+        key = ("dense", b, ctx.num_kv_heads, qbs, self.block_size, tq, ctx.kv_len, ctx.q_offset, self.use_sdpa)
+        if ctx.step_cache is not None and key in ctx.step_cache:
+            return ctx.step_cache[key]
         pattern = self.pattern(tq, ctx, qbs)
         blocks = torch.arange(pattern.num_kv_blocks, device=q.device, dtype=torch.int32)
         causal = blocks.view(1, -1) <= pattern.causal_hi.view(-1, 1)  # [Qblk, Nblk]
         shape = (b, ctx.num_kv_heads, *causal.shape)
         indices = torch.where(causal, blocks, -1).expand(shape).contiguous()
         counts = (pattern.causal_hi + 1).to(torch.int32).expand(shape[:3]).contiguous()
-        dense = torch.ones(ctx.num_kv_heads, dtype=torch.bool, device=q.device) if self.use_sdpa else None
-        return Selection(indices, counts, qbs, self.block_size, dense_heads=dense)
+        selection = Selection(indices, counts, qbs, self.block_size,
+                              dense_heads=(True,) * ctx.num_kv_heads if self.use_sdpa else None)
+        if ctx.step_cache is not None:
+            ctx.step_cache[key] = selection
+        return selection

@@ -138,9 +138,11 @@ class Duo(Method):
         """:meth:`Method.select`, with the retrieval heads marked dense when they read everything (no
         ``selector``), so that the operator runs them through SDPA. ``q [B, Hq, Tq, D]`` -> ``[B, Hq, Qblk, S]``."""
         selection = super().select(q, summaries, ctx)
-        if self.selector is None and self._chosen.get(ctx.layer):
-            heads = self.head_mask(ctx.layer, q.shape[1], ctx.num_kv_heads, q.device)
-            selection = replace(selection, dense_heads=heads)
+        chosen = self._chosen.get(ctx.layer)
+        if self.selector is None and chosen:
+            hq = q.shape[1]
+            group = hq // ctx.num_kv_heads if self.granularity == "kv_head" else 1
+            selection = replace(selection, dense_heads=tuple(h // group in chosen for h in range(hq)))
         return selection
 
     def block_mask(

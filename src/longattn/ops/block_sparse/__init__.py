@@ -130,7 +130,9 @@ def block_sparse_attention(
         return op(q, k, v, selection, scale, causal=causal, key_mask=key_mask, q_offset=q_offset,
                   reposition=reposition)
     if selection.dense_heads is not None and causal and chosen != "naive":
-        offset = check_inputs(q, k, v, selection, key_mask, q_offset)
+        # The dense heads' indices are never read, and the backend validates what it is given (the other
+        # heads): checking the Selection here would cost a device sync per call for nothing.
+        offset = check_inputs(q, k, v, selection, key_mask, q_offset, validate_selection=False)
         return attention_with_dense_heads(q, k, v, selection, scale, key_mask, offset, backend_function(chosen))
     return backend_function(chosen)(q, k, v, selection, scale, causal=causal, key_mask=key_mask, q_offset=q_offset)
 

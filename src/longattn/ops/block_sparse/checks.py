@@ -9,9 +9,11 @@ from longattn.core.selection import Selection
 
 
 def check_inputs(
-    q: Tensor, k: Tensor, v: Tensor, selection: Selection, key_mask: Tensor | None, q_offset: int | None
+    q: Tensor, k: Tensor, v: Tensor, selection: Selection, key_mask: Tensor | None, q_offset: int | None,
+    validate_selection: bool = True,
 ) -> int:
-    """Validate operator inputs; returns the absolute position of the first query."""
+    """Validate operator inputs (the Selection's values too, unless ``validate_selection`` is False: that check
+    reads back from the device); returns the absolute position of the first query."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor [B, H, T, D], got shape {tuple(t.shape)}")
@@ -35,5 +37,9 @@ def check_inputs(
     for name, t in (("k", k), ("v", v), ("key_mask", key_mask)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    selection.validate(tq, tk, hq, hkv, b, q.device)
+    if validate_selection:
+        selection.validate(tq, tk, hq, hkv, b, q.device)
+    elif selection.indices.shape[:2] not in ((b, hq), (b, hkv)) or selection.indices.device != q.device:
+        raise ValueError(f"selection [B, H] = {tuple(selection.indices.shape[:2])} on {selection.indices.device} does "
+                         f"not fit queries [B={b}, Hq={hq}] / keys [Hkv={hkv}] on {q.device}")
     return offset

@@ -43,8 +43,7 @@ def attention_with_dense_heads(
     assert selection.dense_heads is not None
     hq, hkv, hs = q.shape[1], k.shape[1], selection.num_heads
     group = hq // hkv
-    dense = selection.dense_heads
-    flags = dense.tolist()  # one host read: which heads go where decides the launches
+    flags = selection.dense_heads  # host-side: which heads go where decides the launches, without a sync
     ids = [h for h, f in enumerate(flags) if f]
     plain = selection.without_dense_heads()
     if not ids:
@@ -64,7 +63,7 @@ def attention_with_dense_heads(
     ki = torch.tensor(kv_heads, device=q.device)
     dense_out = dense_attention(q[:, qi], k[:, ki], v[:, ki], scale, key_mask, offset)
 
-    keep = ~dense
+    keep = torch.tensor([not f for f in flags], device=q.device)
     emptied = Selection(
         torch.where(keep.view(1, -1, 1, 1), plain.indices, torch.full_like(plain.indices, -1)),
         torch.where(keep.view(1, -1, 1), plain.counts, torch.zeros_like(plain.counts)),
