@@ -3,6 +3,7 @@ usage error that names its option (exit code 2, no traceback)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -141,6 +142,17 @@ def test_heads_show_rejects_a_file_that_is_not_a_profile(tmp_path):
     result = runner.invoke(app, ["heads", "show", str(bad)])
     assert result.exit_code != 0
     assert "HeadProfile" in result.output
+
+
+def test_heads_show_names_the_field_of_a_profile_with_a_nan_score(tmp_path):
+    from tests.core.test_profile import _profile
+
+    data = json.loads(json.dumps(_profile(tiny_model("llama")).to_dict()))  # a copy: the grids share rows
+    data["streaming"][1][2] = float("nan")  # json writes NaN, and json.loads reads it back
+    path = tmp_path / "nan.json"
+    path.write_text(json.dumps(data))
+    result = invoke("heads", "show", str(path))
+    assert_usage_error(result, "PROFILE", "HeadProfile.streaming[1][2] must be a finite number in [0, 1], got nan")
 
 
 @pytest.mark.parametrize("args, option, words", [
