@@ -190,3 +190,46 @@ def test_backends_that_cannot_run_raise_through_apply():
                 model(ids)
     with pytest.raises(ValueError, match="positions='self_extend' runs on backend 'auto', 'gather'"):
         longattn.apply(model, longattn.get_method("moba", positions="self_extend"), backend="triton")
+
+
+PADDED_CASES = [
+    ("moba", {"block_size": 16, "top_k": 1, "window": 16}),
+    ("quest", {"block_size": 16, "top_k": 1, "window": 16}),
+    ("hip", {"block_size": 16, "top_k": 1, "window": 16}),
+    ("dhsa", {"block_size": 16, "top_k": 1, "window": 16}),
+    ("longheads", {"block_size": 16, "top_k": 1, "window": 16}),
+    ("infllm", {"block_size": 16, "top_k": 1, "window": 16}),
+    ("routing", {"block_size": 16, "top_k": 1, "window": 16}),
+    ("retrieval", {"block_size": 16, "top_k": 1, "window": 16}),
+    ("flexprefill", {"block_size": 16, "window": 16, "gamma": 0.5}),
+]
+
+
+@pytest.mark.parametrize("name, config", PADDED_CASES, ids=[c[0] for c in PADDED_CASES])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_never_changes_the_real_tokens(name, config, side):
+    # Pad query rows share a query block with real ones; what the pad tokens are must not change what the real
+    # queries select, nor anything they compute.
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 256, (2, 150), generator=g)
+    mask = torch.ones(2, 150, dtype=torch.long)
+    pads = slice(141, 150) if side == "right" else slice(0, 9)  # 9 pads: a query block of real and pad rows
+    real = slice(0, 141) if side == "right" else slice(9, 150)
+    mask[1, pads] = 0
+    other = ids.clone()
+    other[1, pads] = torch.randint(3, 256, (9,), generator=g)
+    method = longattn.get_method(name, **config)
+    with torch.no_grad(), longattn.apply(model, method):
+        a = model(ids, attention_mask=mask).logits[1, real]
+        b = model(other, attention_mask=mask).logits[1, real]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_real_query_rows_point_pad_rows_at_their_nearest_real_row():
+    from longattn.core.pattern import real_query_rows
+
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert real_query_rows(mask, 5, 0).tolist() == [[0, 1, 2, 2, 2], [2, 2, 2, 3, 4], [0, 1, 2, 3, 4],
+                                                    [0, 1, 2, 3, 4]]
+    assert real_query_rows(mask, 2, 3).tolist() == [[0, 1]] * 4  # a chunk (rows 3-4): no real row, or all real

@@ -164,3 +164,18 @@ class StepPattern:
         hi = self.window_lo.view(1, -1).expand(batch, -1)
         lo = torch.minimum(self.sink_hi.expand(batch).view(-1, 1), hi)
         return lo, hi
+
+
+def real_query_rows(key_mask: Tensor, q_len: int, q_offset: int) -> Tensor:
+    """For each query row, the row whose query it selects with: itself when its own token is real, else the
+    nearest real row of its batch row (the last one before it, or for left padding the first one after).
+
+    Pad rows share query blocks with real ones, and a shared selection pools its rows' scores; what a pad
+    token is must not change what the real queries retrieve. A real row's copy leaves a max over the block's
+    rows unchanged. ``key_mask [B, Tk]`` bool -> ``[B, Tq]`` int64 row indices.
+    """
+    valid = key_mask[:, q_offset : q_offset + q_len]  # [B, Tq]
+    rows = torch.arange(q_len, device=key_mask.device).expand_as(valid)
+    before = torch.where(valid, rows, -1).cummax(dim=1).values
+    after = torch.where(valid, rows, q_len).flip(1).cummin(dim=1).values.flip(1)
+    return torch.where(before >= 0, before, torch.where(after < q_len, after, rows))

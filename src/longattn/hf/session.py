@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from longattn.core.index import BlockIndex
+from longattn.core.pattern import real_query_rows
 from longattn.core.positions import Reposition, Rope
 from longattn.core.selection import Selection, causal_pairs
 from longattn.methods.base import Method, SelectionContext
@@ -138,7 +139,7 @@ class Session:
         summaries = None
         if self.index is not None:
             summaries = self.index.update(k, layer, new_tokens=tq, q=q)
-        selection = self.method.select(q, summaries, ctx)
+        selection = self.method.select(self._selecting_queries(q, key_mask, tk), summaries, ctx)
         out, lse = block_sparse_attention(
             q, k, v, selection, scale, causal=True, key_mask=key_mask, backend=backend, reposition=self.reposition,
         )
@@ -151,6 +152,19 @@ class Session:
         if self.observer is not None:
             self.observer(layer, q, k, selection, scale, key_mask)
         return out.transpose(1, 2)  # HF reshapes [B, Tq, Hq, D] itself
+
+    def _selecting_queries(self, q: Tensor, key_mask: Tensor | None, tk: int) -> Tensor:
+        """``q [B, Hq, Tq, D]`` with every pad row's query replaced by a real row's (:func:`real_query_rows`,
+        built once per step): selection must not depend on what the pad tokens are. The operator still
+        computes with ``q`` itself."""
+        tq = q.shape[2]
+        if key_mask is None or tq == 1:
+            return q
+        key = ("real_query_rows", tq, tk)
+        if key not in self._step_cache:
+            self._step_cache[key] = real_query_rows(key_mask, tq, tk - tq)
+        rows = self._step_cache[key]  # [B, Tq]
+        return q.gather(2, rows.view(q.shape[0], 1, tq, 1).expand_as(q))
 
     def _count(self, tq: int, tk: int, computed: "int | Tensor", rows: int) -> None:
         for stats in (self.stats, self.prefill_stats) if tq > 1 else (self.stats,):
