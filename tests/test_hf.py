@@ -233,3 +233,33 @@ def test_real_query_rows_point_pad_rows_at_their_nearest_real_row():
     assert real_query_rows(mask, 5, 0).tolist() == [[0, 1, 2, 2, 2], [2, 2, 2, 3, 4], [0, 1, 2, 3, 4],
                                                     [0, 1, 2, 3, 4]]
     assert real_query_rows(mask, 2, 3).tolist() == [[0, 1]] * 4  # a chunk (rows 3-4): no real row, or all real
+
+
+def test_the_default_model_is_converted_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
+    from longattn.hf import loading
+
+    monkeypatch.setenv("LONGATTN_CACHE", str(tmp_path / "cache"))
+    ids = torch.tensor([[504, 3575, 282, 4649, 314]])
+    first, _ = load_model()
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in entry.iterdir()}
+    converted = []
+    real = loading._write_cache
+    monkeypatch.setattr(loading, "_write_cache", lambda *a: converted.append(a) or real(*a))
+    second, tok = load_model()
+    assert not converted and second.config._name_or_path == str(entry)  # read from the cache, not the GGUF
+    assert tok("The capital of France is").input_ids == ids[0].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(second(ids).logits, first(ids).logits, atol=0, rtol=0)
+    assert load_model(dtype=torch.bfloat16)[0].dtype == torch.bfloat16 and not converted
+
+
+@pytest.mark.parametrize("value", ["off", "0", ""])
+def test_the_cache_can_be_turned_off(value, monkeypatch, tmp_path):
+    from longattn.hf.loading import cache_dir
+
+    monkeypatch.setenv("LONGATTN_CACHE", value)
+    assert cache_dir() is None
+    monkeypatch.delenv("LONGATTN_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / "longattn"

