@@ -231,3 +231,15 @@ def test_python_dash_m_runs_the_heads_sub_app(module):
                             env={"COLUMNS": "200", "PATH": ""}, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "profile" in result.stdout and "show" in result.stdout
+
+
+def test_dtype_is_checked_before_the_model_loads(prompt, tmp_path):
+    result = invoke("generate", "--prompt-file", str(prompt), "--model", str(tmp_path / "none"), "--dtype", "int8")
+    assert_usage_error(result, "--dtype", "float32, bfloat16, float16", "'int8'")
+
+
+def test_generate_runs_in_bfloat16(prompt, tmp_path):
+    save_tiny_checkpoint(tmp_path / "ckpt")
+    result = invoke("generate", "--prompt-file", str(prompt), "--model", str(tmp_path / "ckpt"), "--dtype", "bfloat16",
+                    "--max-new-tokens", "2", "--method", "streaming", "--set", "block_size=16")
+    assert result.exit_code == 0, result.output

@@ -181,3 +181,14 @@ def test_a_composed_method_records_a_config_that_rebuilds_it():
     config = json.loads(json.dumps(method_config(duo)))  # what a results line holds
     assert config["selector"] == {"name": "moba", **method_config(moba)}
     assert longattn.get_method("duo", **config) == duo
+
+
+def test_the_dtype_is_recorded_and_a_bfloat16_run_does_not_resume_a_float32_one(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "r.jsonl"
+    _sweep(tiny, out, monkeypatch, methods={"dense": longattn.get_method("dense")})
+    path = tmp_path / "ckpt"
+    save_tiny_checkpoint(path)
+    again = _sweep(longattn.load_model(path, dtype=torch.bfloat16), out, monkeypatch,
+                   methods={"dense": longattn.get_method("dense")})
+    assert again.skipped == 0 and again.ran == 4
+    assert [line["dtype"] for line in _lines(out)] == ["float32"] * 4 + ["bfloat16"] * 4

@@ -262,7 +262,10 @@ def run_sweep(
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
     configs = {label: method_config(m) for label, m in methods.items()}
-    context = {"model": model_id, "hardware": hardware(), "versions": versions(), "backend": backend}
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    context = {"model": model_id, "hardware": hardware(), "versions": versions(), "backend": backend, "dtype": dtype}
+    # float32 cells keep the key they had before the dtype was recorded, so old result files still resume.
+    key_model = model_id if dtype == "float32" else f"{model_id} ({dtype})"
 
     grid = []
     for name in tasks:
@@ -281,7 +284,7 @@ def run_sweep(
     with Path(out).open("a") if out is not None else nullcontext() as sink:
         for name, haystack, length, depth, seed in grid:
             task = TASKS[name]
-            keys = {label: cell_key(name, haystack, label, configs[label], model_id, length, depth, seed)
+            keys = {label: cell_key(name, haystack, label, configs[label], key_model, length, depth, seed)
                     for label in methods}
             todo = [label for label in methods if keys[label] not in done]
             skipped += len(methods) - len(todo)
