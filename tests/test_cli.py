@@ -72,8 +72,9 @@ def test_generate_rejects_bad_method_options(tmp_path):
 
 def test_demo_rejects_bad_lengths_and_policies():
     for args, word in ((["--lengths", "2x"], "lengths"), (["--lengths", "64"], "128"),
-                       (["--positions", "rope"], "positions must be one of")):
-        result = runner.invoke(app, ["demo", *args], terminal_width=200)
+                       (["--extension", "--positions", "rope"], "positions must be one of"),
+                       (["--positions", "infllm"], "add --extension"), (["--method", "nope"], "unknown method")):
+        result = invoke("demo", *args)
         assert result.exit_code != 0
         assert word in result.output
 
@@ -213,16 +214,22 @@ def test_report_rejects_a_malformed_results_file(tmp_path):
     assert_usage_error(result, "RESULTS", "line 1: expected a JSON object")
 
 
-def test_demo_runs_dense_and_the_extension_on_the_sweep_runner(tmp_path):
+@pytest.mark.parametrize("extension", [False, True], ids=["headline", "extension"])
+def test_demo_runs_dense_against_a_method_on_the_sweep_runner(tmp_path, extension):
     save_tiny_checkpoint(tmp_path / "ckpt")
-    result = invoke("demo", "--lengths", "200", "--samples", "2", "--model", str(tmp_path / "ckpt"))
+    flags = ["--extension"] if extension else ["--set", "block_size=16", "--set", "top_k=2", "--set", "window=32"]
+    result = invoke("demo", "--lengths", "200", "--samples", "2", "--model", str(tmp_path / "ckpt"), *flags)
     assert result.exit_code == 0, result.output
     assert "passkey retrieval; the model was trained on 4096 tokens" in result.output
     assert "dense: " in result.output and "/2 correct" in result.output
-    assert "dense + self_extend positions: " in result.output
-    rows = [line for line in result.output.splitlines() if line.startswith("│ dense")]
+    other = "dense + self_extend positions" if extension else "moba"
+    assert f"{other}: " in result.output
+    rows = [line for line in result.output.splitlines() if line.startswith(("│ dense", "│ moba"))]
     assert len(rows) == 4 and all(" 200 │" in row for row in rows)  # 2 prompts x 2 methods
     assert len({row.split("│")[3].strip() for row in rows}) == 2  # a key per prompt, shared by both methods
+    speedups = [row.split("│")[8].strip() for row in rows]
+    assert all(s.endswith("x") for s in speedups) and "1.00x" in speedups  # dense against itself
+    assert ("longattn demo --extension" in result.output) != extension
 
 
 @pytest.mark.parametrize("module", ["longattn.cli", "longattn"])
