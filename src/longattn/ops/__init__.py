@@ -11,7 +11,9 @@ from longattn.ops.block_sparse import (
     block_sparse_attention_cpu,
     block_sparse_attention_gather,
     block_sparse_attention_naive,
+    block_sparse_attention_native,
     check_backend,
+    native_available,
     resolve_backend,
 )
 from longattn.ops.dense import dense_attention
@@ -26,9 +28,11 @@ __all__ = [
     "block_sparse_attention_cpu",
     "block_sparse_attention_gather",
     "block_sparse_attention_naive",
+    "block_sparse_attention_native",
     "check_backend",
     "dense_attention",
     "merge_attention",
+    "native_available",
     "resolve_backend",
     "triton_available",
 ]

@@ -2,15 +2,18 @@
 
 Backends (same signature and contract, each tested against ``naive``):
 
-- ``gather``: optimised PyTorch, chunked gathers of the selected blocks (gather.py); measured the fastest on
-  CPU, and the only fast path that applies position policies (``reposition=``).
+- ``native``: a C kernel for x86-64 CPUs with AVX-512, compiled on first use (native.py, native_kernel.c):
+  reads the selected blocks straight from the cache, bf16 as bf16 products; the fastest on such CPUs.
+- ``gather``: optimised PyTorch, chunked gathers of the selected blocks (gather.py); the CPU fallback where
+  native cannot be built, and the only fast path that applies position policies (``reposition=``).
 - ``cpu``: the gather with PyTorch's fused CPU attention kernel per chunk (cpu.py), a cross-check.
 - ``triton``: one fused Triton kernel, prefill and split-K decode (triton_kernel.py); CUDA, or Triton's
   interpreter on CPU when ``TRITON_INTERPRET=1`` is set before import.
 - ``flex``: the Selection as a FlexAttention ``BlockMask`` (flex.py); CUDA.
 - ``naive``: the plain definition (naive.py): float32, a masked dense softmax per query block. Slow; for
   tests and end-to-end checks of the others. Applies position policies too.
-- ``auto``: ``triton`` on CUDA when Triton is installed, else ``gather``.
+- ``auto``: ``triton`` on CUDA when Triton is installed, ``native`` on a CPU where it builds, else ``gather``;
+  ``gather`` under a position policy.
 
 Heads a Selection marks dense (``Selection.dense_heads``) run through dense SDPA on every backend but naive.
 """
@@ -29,9 +32,14 @@ from longattn.ops.block_sparse.cpu import block_sparse_attention_cpu, cpu_kernel
 from longattn.ops.block_sparse.dense_heads import attention_with_dense_heads
 from longattn.ops.block_sparse.gather import block_sparse_attention_gather
 from longattn.ops.block_sparse.naive import block_sparse_attention_naive
+from longattn.ops.block_sparse.native import (
+    block_sparse_attention_native,
+    native_available,
+    native_unavailable_reason,
+)
 from longattn.ops.triton_utils import check_triton_runs, triton_available, triton_interpreted
 
-BACKENDS = ("auto", "gather", "cpu", "triton", "flex", "naive")
+BACKENDS = ("auto", "gather", "cpu", "native", "triton", "flex", "naive")
 REPOSITION_BACKENDS = ("auto", "gather", "naive")
 """The backends that apply a position policy (``reposition=``): the PyTorch paths."""
 RENAMED_BACKENDS = {"reference": "gather"}
@@ -60,8 +68,11 @@ def resolve_backend(backend: str, device_type: str, reposition: bool = False) ->
             return "gather"
         if device_type == "cuda" and triton_available():
             return "triton"
-        # Measured on 2 CPU cores (benchmarks/attention_op.py): once blocks are gathered as whole runs, the
-        # PyTorch gather is as fast as the fused kernel (5.2x vs 4.6x over SDPA at 8k tokens, 10% density).
+        # Measured on 2 Xeon cores (benchmarks/cpu_speed.py, docs/results/cpu.md): at 16k tokens, 16-token
+        # blocks and 10% density native is ~6x causal SDPA in float32 where gather is ~1x (it copies every
+        # selected block), and ~6x SDPA in decode over a 32k cache where gather is ~0.6x.
+        if device_type == "cpu" and native_available():
+            return "native"
         return "gather"
     if reposition and backend not in REPOSITION_BACKENDS:
         raise ValueError(
@@ -81,6 +92,11 @@ def resolve_backend(backend: str, device_type: str, reposition: bool = False) ->
                 f"backend='flex' runs compiled on CUDA tensors only, got {device_type} tensors (FlexAttention on "
                 "CPU would materialise every score); use 'gather' or 'cpu'"
             )
+    if backend == "native":
+        if device_type != "cpu":
+            raise ValueError(f"backend='native' runs on CPU tensors only, got {device_type} tensors")
+        if not native_available():
+            raise ValueError(f"backend='native' is unavailable here: {native_unavailable_reason()}; use 'gather'")
     if backend == "cpu" and not cpu_kernel_available():
         raise ValueError("backend='cpu' needs torch's fused CPU attention kernel (torch >= 2.3); use 'gather'")
     if backend == "cpu" and device_type != "cpu":
@@ -105,11 +121,11 @@ def block_sparse_attention(
 
     Args:
         q: ``[B, Hq, Tq, D]``; k, v: ``[B, Hkv, Tk, D]``; selection: ``[B, H, Qblk, S]`` with H in {Hq, Hkv}.
-        backend: one of ``BACKENDS``: "gather" (optimised PyTorch), "cpu" (the same gather with PyTorch's
-            fused CPU attention kernel per chunk, a cross-check), "triton" (fused GPU kernel, split-K in
-            decode), "flex" (FlexAttention with the Selection as its BlockMask), "naive" (the plain definition,
-            slow) or "auto" (triton on CUDA when installed, else gather). A forced backend that cannot run
-            here raises.
+        backend: one of ``BACKENDS``: "native" (the C kernel for AVX-512 CPUs), "gather" (optimised PyTorch),
+            "cpu" (the same gather with PyTorch's fused CPU attention kernel per chunk, a cross-check), "triton"
+            (fused GPU kernel, split-K in decode), "flex" (FlexAttention with the Selection as its BlockMask),
+            "naive" (the plain definition, slow) or "auto" (triton on CUDA when installed, native on a CPU where
+            it builds, else gather). A forced backend that cannot run here raises.
         reposition: a position policy bound to the model's RoPE (context extension), see
             :func:`~longattn.ops.block_sparse.naive.block_sparse_attention_naive`; runs on "gather" (also for
             "auto") or "naive".
@@ -147,6 +163,8 @@ def backend_function(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
         return block_sparse_attention_cpu
     if name == "gather":
         return block_sparse_attention_gather
+    if name == "native":
+        return block_sparse_attention_native
     if name == "naive":
         return block_sparse_attention_naive
     if name in RENAMED_BACKENDS:
@@ -162,8 +180,11 @@ __all__ = [
     "block_sparse_attention_cpu",
     "block_sparse_attention_gather",
     "block_sparse_attention_naive",
+    "block_sparse_attention_native",
     "check_backend",
     "check_triton_runs",
+    "native_available",
+    "native_unavailable_reason",
     "resolve_backend",
     "triton_available",
     "triton_interpreted",

@@ -2,10 +2,11 @@
 
 The optimised PyTorch path (its plain definition is naive.py, which the tests compare it against): query
 blocks are processed in chunks; each chunk copies only its selected key blocks, each as one run of the cache,
-so peak memory is O(chunk · S · block) and no T×T matrix is ever built. Measured on CPU it is as fast as the
-fused CPU kernel, so ``auto`` picks it there. The gather loop (`gathered_attention`) is shared with the fused
-CPU backend (cpu.py), which differs only in how a chunk's masked softmax is computed. The only fast path that
-applies position policies (``reposition=``).
+so peak memory is O(chunk · S · block) and no T×T matrix is ever built. On CPU ``auto`` picks it where the
+native kernel cannot be built (native.py, several times faster: it reads blocks without copying them), and
+always under a position policy: it is the only fast path that applies them (``reposition=``). The gather loop
+(`gathered_attention`) is shared with the fused CPU backend (cpu.py), which differs only in how a chunk's
+masked softmax is computed.
 """
 
 from __future__ import annotations
@@ -87,8 +88,14 @@ def gathered_attention(
     # Each selected block is copied as one [bs, D] run of the cache. `unfold` views the flat cache as
     # overlapping windows of bs tokens starting at every token, so a block is a single row to index_select
     # (twice as fast as gathering bs token rows) and nothing is padded or copied beforehand. A partial last
-    # block is read as the window ending at Tk; its tokens of the previous block are masked out.
+    # block is read as the window ending at Tk; its tokens of the previous block are masked out and zeroed
+    # (an unselected block's NaN or inf would otherwise reach the output as 0 * NaN in p @ V).
     runs = k.is_contiguous() and v.is_contiguous() and tk >= bs
+    # Query blocks that read the partial last block (one host sync, only when there is one).
+    nkb = -(-tk // bs)
+    reads_last = [False] * nqb
+    if runs and tk % bs:
+        reads_last = (selection.indices == nkb - 1).any(dim=3).any(dim=(0, 1)).tolist()
     # A position policy with a per-token key shift rotates the whole cache once; far keys are gathered from it.
     k_moved = reposition.shifted_keys(k) if reposition is not None else None
     if runs:
@@ -144,6 +151,9 @@ def gathered_attention(
                 rows_at = (row_base.squeeze(-1) + window).flatten()
                 kg = kwin.index_select(0, rows_at).view(b, hs, c, width * bs, d)
                 vg = vwin.index_select(0, rows_at).view(b, hs, c, width * bs, d)
+                if any(reads_last[start:stop]):
+                    borrowed = (pos < first.unsqueeze(-1)).view(b, hs, c, width * bs, 1)
+                    kg, vg = kg.masked_fill(borrowed, 0.0), vg.masked_fill(borrowed, 0.0)
                 where = rows_at
             else:
                 pos = first.unsqueeze(-1) + in_block

@@ -85,7 +85,9 @@ def block_sparse_attention_naive(
         scores = scores.masked_fill(~allowed, float("-inf"))
         lse_j = torch.logsumexp(scores, dim=-1)  # [B, Hq, R]; -inf where a row sees no key
         p = torch.where(allowed, torch.exp(scores - lse_j.unsqueeze(-1)), 0.0)
-        out[:, :, rows] = p @ vf
+        # Values no row may see are zeroed before the product: p = 0 there, but 0 * NaN (or inf) would be NaN.
+        seen = allowed.any(dim=2).unsqueeze(-1)  # [B, Hq, Tk, 1]
+        out[:, :, rows] = p @ torch.where(seen, vf, 0.0)
         lse[:, :, rows] = lse_j
     return out.to(q.dtype), lse
 

@@ -1,0 +1,170 @@
+"""Backend "native": a C kernel for x86-64 CPUs with AVX-512 (native_kernel.c), compiled on first use.
+
+Why a kernel: on CPU the gather backend spends its time copying the selected blocks and in the step-by-step
+softmax's round trips through memory; the kernel reads each key and value straight from the cache as a
+broadcast operand, keeps 16 query rows in the lanes of a vector and runs the online softmax in registers,
+so it does only the selected blocks' arithmetic. bfloat16 inputs are computed as bf16 products with fp32
+accumulation and an fp32 softmax, never through an upcast copy of the cache: on AMX tiles where the CPU has
+them (``LONGATTN_NATIVE_AMX=0`` keeps the AVX512-BF16 path), else with AVX512-BF16 dot products.
+
+The library (native_kernel.c with native_amx.h and native_rows.h) is built with the system C compiler
+(``cc``, or ``$CC``) into a per-user cache keyed by the source, the flags and the CPU, once per machine
+(0.3-2 s; ``compile_seconds()`` reports it). Where no compiler, no AVX-512 or no OpenMP exists,
+``native_available()`` is False, ``native_unavailable_reason()`` says why and ``auto`` keeps the gather
+backend.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from longattn.core.cache import cache_dir
+from longattn.core.selection import Selection
+from longattn.ops.block_sparse.checks import check_inputs
+
+_SOURCE = Path(__file__).with_name("native_kernel.c")
+_HEADERS = (Path(__file__).with_name("native_rows.h"), Path(__file__).with_name("native_amx.h"))
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+_ABI = 2
+_compile_seconds: float | None = None
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _cache_dir() -> Path:
+    """Where the built library is kept (``longattn.core.cache``); with caching off, a directory of this process."""
+    root = cache_dir()
+    return root / "native" if root is not None else Path(tempfile.mkdtemp(prefix="longattn-native-"))
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """The loaded kernel library, or None and the reason it cannot be built here."""
+    global _compile_seconds
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"the native kernel is written for x86-64 with AVX-512, this machine is {platform.machine()}"
+    flags = _cpu_flags()
+    if "avx512f" not in flags or "avx512bw" not in flags:
+        return None, "the native kernel needs AVX-512 (avx512f, avx512bw), which this CPU lacks"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None, "no C compiler (cc / gcc / $CC) to build the native kernel"
+    source = b"".join(p.read_bytes() for p in (_SOURCE, *_HEADERS))
+    key = hashlib.sha256(source + " ".join([cc, *_FLAGS, *sorted(flags)]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"block_sparse_{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        # Build beside the target and rename: concurrent processes never load a half-written library.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        run = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if run.returncode != 0:
+            os.unlink(tmp)
+            return None, f"building the native kernel failed ({cc}): {run.stderr.strip()[-400:]}"
+        os.replace(tmp, target)
+        _compile_seconds = time.perf_counter() - start
+    else:
+        _compile_seconds = 0.0
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as err:
+        return None, f"loading the native kernel failed: {err}"
+    if lib.longattn_abi_version() != _ABI:
+        return None, "the native kernel library is stale (ABI mismatch); delete it from the cache"
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.longattn_block_sparse.argtypes = [ptr] * 8 + [i64] * 12 + [ctypes.c_int, ctypes.c_float] + [ctypes.c_int] * 3
+    lib.longattn_block_sparse.restype = ctypes.c_int
+    return lib, ""
+
+
+def native_available() -> bool:
+    """Whether the native kernel builds and loads on this machine (compiles it on the first call)."""
+    return _library()[0] is not None
+
+
+def native_unavailable_reason() -> str:
+    """Why :func:`native_available` is False ("" when it is True)."""
+    return _library()[1]
+
+
+def compile_seconds() -> float | None:
+    """Seconds this process spent building the kernel (0.0: loaded from the cache; None: not loaded yet)."""
+    return _compile_seconds
+
+
+def bf16_supported() -> bool:
+    """Whether bfloat16 inputs run as bf16 products (AVX512-BF16); otherwise they are computed from fp32."""
+    return "avx512_bf16" in _cpu_flags()
+
+
+def block_sparse_attention_native(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    selection: Selection,
+    scale: float | None = None,
+    *,
+    causal: bool = True,
+    key_mask: Tensor | None = None,
+    q_offset: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Same signature and contract as :func:`~longattn.ops.block_sparse.naive.block_sparse_attention_naive`
+    (without ``reposition``), on CPU tensors.
+
+    ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]``, selection ``[B, H, Qblk, S]`` with H in {Hq, Hkv} ->
+    ``out [B, Hq, Tq, D]`` in q's dtype, ``lse [B, Hq, Tq]`` float32 (``0`` and ``-inf`` on rows without a key).
+    float32 and bfloat16 run natively; float16 (no CPU instructions for it here) through a float32 copy.
+    """
+    lib, reason = _library()
+    if lib is None:
+        raise ValueError(f"backend='native' is unavailable: {reason}; use 'gather'")
+    offset = check_inputs(q, k, v, selection, key_mask, q_offset)
+    if q.device.type != "cpu":
+        raise ValueError(f"backend='native' runs on CPU tensors only, got {q.device.type} tensors")
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    bf16 = q.dtype == torch.bfloat16 and bf16_supported() and d % 2 == 0
+    work = torch.bfloat16 if bf16 else torch.float32
+    if d > 256:
+        raise ValueError(f"backend='native' takes head dimensions up to 256, got D={d}; use 'gather'")
+    # No-ops for contiguous inputs of the working dtype (the usual case); a strided cache is copied once.
+    qc, kc, vc = (t.to(work).contiguous() for t in (q, k, v))
+    idx = selection.indices.contiguous()
+    cnt = selection.counts.contiguous()
+    mask = None if key_mask is None else key_mask.to(torch.uint8).contiguous()
+    out = torch.empty(b, hq, tq, d, dtype=torch.float32)
+    lse = torch.empty(b, hq, tq, dtype=torch.float32)
+    code = lib.longattn_block_sparse(
+        qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), idx.data_ptr(), cnt.data_ptr(),
+        None if mask is None else mask.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        b, hq, hkv, selection.num_heads, tq, tk, d, idx.shape[-1], selection.num_q_blocks,
+        selection.kv_block_size, selection.query_block_size, offset, int(causal), scale, int(bf16),
+        int(os.environ.get("LONGATTN_NATIVE_AMX", "1") != "0"), torch.get_num_threads(),
+    )
+    if code != 0:
+        raise ValueError(f"the native kernel refused these inputs (code {code}); use 'gather'")
+    return out.to(q.dtype), lse
