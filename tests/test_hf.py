@@ -171,9 +171,11 @@ def test_triton_and_naive_backends_through_apply_equal_gather(name, monkeypatch)
         torch.testing.assert_close(runs[other][0], runs["gather"][0], atol=1e-4, rtol=1e-4)
         assert torch.equal(runs[other][1], runs["gather"][1])
         assert runs[other][2] == runs["gather"][2] < 1.0  # really sparse
-    # MoBA selected through the fused Triton top-k on backend "triton" (and only there), in prefill and decode.
-    if name == "moba":  # 2 layers x (prefill + 2 decode steps)
-        assert len(topk_calls) >= 6 and set(topk_calls) == {"triton"}
+    # MoBA selected through block_topk in prefill and decode: its Triton kernel on backend "triton", its naive
+    # PyTorch path on the CPU backends; 3 sessions x 2 layers x (prefill + 2 decode steps).
+    if name == "moba":
+        assert len(topk_calls) >= 18 and set(topk_calls) == {"triton", "naive"}
+        assert topk_calls.count("triton") == len(topk_calls) // 3
     else:
         assert topk_calls == []
     with torch.no_grad():

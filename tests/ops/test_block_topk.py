@@ -154,10 +154,13 @@ def test_fused_selection_equals_the_methods_own(name, config, tq, tk, padded, to
     assert int(fused.counts[..., -1].max()) < nkb
 
 
-def test_only_triton_sessions_take_the_fused_path():
+def test_methods_with_a_fused_score_select_through_block_topk():
+    # On CPU backends through its naive path (same Selection, no mask to sort); on triton through the kernel.
     moba = longattn.get_method("moba")
     ctx = SelectionContext(kv_len=64, q_offset=0, layer=0, num_kv_heads=1)
-    assert not moba.uses_fused_topk(ctx)
+    assert moba.uses_fused_topk(ctx)
+    assert not moba.uses_fused_topk(SelectionContext(kv_len=64, q_offset=0, layer=0, num_kv_heads=1,
+                                                     reposition=object()))  # type: ignore[arg-type]
     ctx.backend = "triton"
     assert moba.uses_fused_topk(ctx) == fused_topk_available()
     assert not longattn.get_method("moba", share_kv_heads=True).uses_fused_topk(ctx)
