@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -30,6 +29,7 @@ def run_cell(method_name: str, length: int, dtype_name: str, decode: int) -> dic
     import torch
 
     import longattn
+    from longattn.bench.runner import hardware
     from longattn.bench.tasks import niah_single
 
     dtype = getattr(torch, dtype_name)
@@ -67,18 +67,8 @@ def run_cell(method_name: str, length: int, dtype_name: str, decode: int) -> dic
         "prefill_s": prefill, "attention_prefill_s": attend_prefill, "select_share": share,
         "decode_ms": decode_s / max(1, decode) * 1000, "density": session.prefill_stats.density,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu": hardware()["name"], "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def sweep(lengths: list[int], methods: list[str], dtype: str, decode: int, out: Path) -> list[dict]:
@@ -123,7 +113,7 @@ def main() -> None:
         name, length, dtype, decode = sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
         print(json.dumps(run_cell(name, length, dtype, decode)))
         return
-    from longattn.bench.runner import parse_lengths
+    from longattn.bench.runner import hardware, parse_lengths
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="2k,4k,8k,16k,32k")
@@ -133,7 +123,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     rows = sweep(parse_lengths(args.lengths), args.methods.split(","), args.dtype, args.decode, args.out)
-    print(f"# end to end, default model, {args.dtype}: {cpu_name()}, torch threads as in each subprocess")
+    print(f"# end to end, default model, {args.dtype}: {hardware()['name']}, torch threads as in each subprocess")
     print(table(rows))
 
 

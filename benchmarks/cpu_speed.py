@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -38,16 +37,6 @@ from attention_op import B, D, HKV, HQ, make_selection  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PREFILL_OPS = ("native", "gather", "cpu", "flex")
 NOTES = "<!-- notes: kept by reruns -->"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def inputs(t_q: int, t_k: int, dtype: torch.dtype):
@@ -181,12 +170,13 @@ def fmt(r: dict | None) -> str:
 
 def report(results: list[dict]) -> str:
     by = {key(r): r for r in results}
+    from longattn.bench.runner import hardware
     from longattn.ops.block_sparse.native import bf16_supported, native_unavailable_reason
 
     lines = [
         "# CPU speed of the block-sparse operator",
         "",
-        f"CPU: {cpu_model()}; {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} "
+        f"CPU: {hardware()['name']}; {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} "
         f"threads; native kernel: {native_unavailable_reason() or 'built'}"
         f"{', bf16 products (AVX512-BF16)' if bf16_supported() else ''}.",
         "",

@@ -112,10 +112,16 @@ class StepPattern:
             self.sink_lo, self.sink_hi, self.has_key,
         )
 
+    @staticmethod
+    def key_of(block_size: int, query_block_size: int, sink_tokens: int, window: int, kv_len: int, q_offset: int,
+               q_len: int) -> tuple[int, ...]:
+        """What identifies a pattern, before building it: the geometry of the step and of the method."""
+        return (block_size, query_block_size, sink_tokens, window, kv_len, q_offset, q_len)
+
     def key(self) -> tuple[int, ...]:
-        """What identifies the pattern: geometry of the step and of the method."""
-        return (self.block_size, self.query_block_size, self.sink_tokens, self.window, self.kv_len, self.q_offset,
-                self.q_len)
+        """This pattern's :meth:`key_of`."""
+        return self.key_of(self.block_size, self.query_block_size, self.sink_tokens, self.window, self.kv_len,
+                           self.q_offset, self.q_len)
 
     def _blocks(self) -> Tensor:
         return torch.arange(self.num_kv_blocks, device=self.first.device).view(1, 1, -1)  # [1, 1, Nblk]

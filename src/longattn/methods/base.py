@@ -90,7 +90,7 @@ class Method:
     def pattern(self, q_len: int, ctx: SelectionContext, qbs: int) -> StepPattern:
         """Sinks, window and causal limits of these ``q_len`` queries with this method's geometry: the one
         ``ctx`` carries, else the step's cached one, else built (and cached in ``ctx.step_cache``)."""
-        key = (self.block_size, qbs, self.sink_tokens, self.window, ctx.kv_len, ctx.q_offset, q_len)
+        key = StepPattern.key_of(self.block_size, qbs, self.sink_tokens, self.window, ctx.kv_len, ctx.q_offset, q_len)
         if ctx.pattern is not None and ctx.pattern.key() == key:
             return ctx.pattern
         if ctx.step_cache is not None and key in ctx.step_cache:

@@ -108,7 +108,11 @@ class Duo(Method):
         return {layer: set(units) for layer, units in self._chosen.items()}
 
     def head_mask(self, layer: int, num_heads: int, num_kv_heads: int, device: torch.device) -> Tensor:
-        """``[Hq]`` bool: which query heads of ``layer`` retrieve."""
+        """``[Hq]`` bool: which query heads of ``layer`` retrieve (:meth:`retrieving_heads` as a tensor)."""
+        return torch.tensor(self.retrieving_heads(layer, num_heads, num_kv_heads), dtype=torch.bool, device=device)
+
+    def retrieving_heads(self, layer: int, num_heads: int, num_kv_heads: int) -> tuple[bool, ...]:
+        """One flag per query head of ``layer``: whether it retrieves. Host-side, as ``Selection.dense_heads``."""
         if self._layout is not None and (num_heads, num_kv_heads) != self._layout[1:]:
             raise ValueError(
                 f"the HeadProfile is for {self._layout[1]} query / {self._layout[2]} KV heads, but this model has "
@@ -119,9 +123,8 @@ class Duo(Method):
         if chosen and max(chosen) >= units:
             raise ValueError(f"retrieval head ({layer}, {max(chosen)}) does not exist: the layer has {units} "
                              f"{self.granularity}s")
-        mask = torch.zeros(units, dtype=torch.bool, device=device)
-        mask[sorted(chosen)] = True
-        return mask.repeat_interleave(num_heads // units) if self.granularity == "kv_head" else mask
+        group = num_heads // units  # query heads per chosen unit: 1 for query heads
+        return tuple(h // group in chosen for h in range(num_heads))
 
     def summariser(self) -> "str | Callable[..., Tensor] | None":
         return self.selector.summariser() if isinstance(self.selector, Method) else None
@@ -138,11 +141,8 @@ class Duo(Method):
         """:meth:`Method.select`, with the retrieval heads marked dense when they read everything (no
         ``selector``), so that the operator runs them through SDPA. ``q [B, Hq, Tq, D]`` -> ``[B, Hq, Qblk, S]``."""
         selection = super().select(q, summaries, ctx)
-        chosen = self._chosen.get(ctx.layer)
-        if self.selector is None and chosen:
-            hq = q.shape[1]
-            group = hq // ctx.num_kv_heads if self.granularity == "kv_head" else 1
-            selection = replace(selection, dense_heads=tuple(h // group in chosen for h in range(hq)))
+        if self.selector is None and self._chosen.get(ctx.layer):
+            selection = replace(selection, dense_heads=self.retrieving_heads(ctx.layer, q.shape[1], ctx.num_kv_heads))
         return selection
 
     def block_mask(
