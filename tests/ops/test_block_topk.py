@@ -137,13 +137,15 @@ def _select_both(name, config, tq, tk, padded, topk_backend):
     return method, plain, fused, tk
 
 
-@pytest.mark.parametrize("topk_backend", ["naive", "triton"])
+@pytest.mark.parametrize("topk_backend", ["naive", "native", "triton"])
 @pytest.mark.parametrize("padded", [False, True], ids=["all-keys", "padded"])
 @pytest.mark.parametrize("tq,tk", [(120, 120), (1, 301), (40, 301)], ids=["prefill", "decode", "chunk"])
 @pytest.mark.parametrize("name,config", METHOD_CASES, ids=[c[0] for c in METHOD_CASES])
 def test_fused_selection_equals_the_methods_own(name, config, tq, tk, padded, topk_backend):
     if topk_backend == "triton":
         pytest.importorskip("triton", reason=TRITON_MISSING)
+    if topk_backend == "native" and not topk_native.native_topk_available():
+        pytest.skip(topk_native.native_topk_unavailable_reason())
     method, plain, fused, tk = _select_both(name, config, tq, tk, padded, topk_backend)
     nkb = -(-tk // method.block_size)
     assert torch.equal(fused.to_mask(nkb), plain.to_mask(nkb))
@@ -203,3 +205,80 @@ def test_fused_selection_equals_the_methods_own_on_random_geometry(name, bs, qbs
     nkb = -(-tk // bs)
     assert torch.equal(fused.to_mask(nkb), plain.to_mask(nkb)) and torch.equal(fused.counts, plain.counts)
     fused.validate(tq, tk, 4, 2, 2)
+
+
+# --- backend "native" (C kernel, AVX-512 CPUs) against naive -------------------------------------------------
+
+from longattn.ops.block_topk import native as topk_native  # noqa: E402
+
+needs_native_topk = pytest.mark.skipif(not topk_native.native_topk_available(),
+                                       reason=topk_native.native_topk_unavailable_reason())
+
+
+@needs_native_topk
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("padded", [False, True], ids=["all-keys", "padded"])
+@pytest.mark.parametrize("kind", ["mean", "minmax"])
+@pytest.mark.parametrize("shape", SHAPES + [(2, 6, 3, 200, 64, 70, 16, 32), (1, 3, 3, 1, 16, 33, 1, 40)],
+                         ids=lambda s: f"B{s[0]}-H{s[1]}-HKV{s[2]}-T{s[3]}-D{s[4]}-N{s[5]}-k{s[7]}")
+def test_native_equals_naive(shape, kind, padded, dtype):
+    # The extra shapes: GQA groups of 2 with rows not a multiple of 8 and top_k = 32 (moba's default), and
+    # decode with more slots than retrievable blocks (the -1 padding) and a block count off the 32-lane grid.
+    args = _inputs(shape, kind, padded, seed=11)
+    args[0] = args[0].to(dtype)
+    assert torch.equal(topk_native.block_topk_native(*args), block_topk_naive(*args))
+
+
+@needs_native_topk
+@pytest.mark.parametrize("tq", [64, 1], ids=["prefill", "decode"])  # transposed summaries / in-kernel columns
+def test_native_never_picks_non_finite_scores(tq):
+    shape = (1, 4, 2, tq, 16, 20, 16 if tq > 1 else 1, 20)
+    args = _inputs(shape, "minmax", False, seed=5)
+    s = args[1].clone()
+    s[0, 0, 7, 1, 0] = float("nan")  # NaN bound
+    s[0, 0, 9, 0, :] = float("-inf")  # 0 * inf in a min/max bound
+    s[0, 0, 9, 1, :] = float("inf")
+    args[1] = s
+    q = args[0].clone()
+    q[0, 3, -1, 2] = float("nan")  # one NaN query element: its head scores NaN on its rows' blocks
+    args[0] = q
+    ref = block_topk_naive(*args)
+    assert torch.equal(topk_native.block_topk_native(*args), ref)
+    assert not bool((ref[0, :2] == 7).any()) and not bool((ref[0, :2] == 9).any())
+
+
+@needs_native_topk
+def test_native_breaks_ties_to_the_lower_block():
+    q = torch.ones(1, 1, 1, 4)
+    s = torch.zeros(1, 1, 8, 1, 4)
+    s[0, 0, [2, 4, 5], 0, 0] = 1.0  # three equal scores; 3 slots for 5 candidates after the sink
+    ids = topk_native.block_topk_native(q, s, "mean", 3, 1, torch.tensor([8]), torch.tensor([0]), torch.tensor([1]))
+    assert ids.flatten().tolist() == [2, 4, 5]
+    ids = topk_native.block_topk_native(q, s, "mean", 4, 1, torch.tensor([8]), torch.tensor([0]), torch.tensor([1]))
+    assert ids.flatten().tolist() == [2, 4, 5, 1]
+
+
+def test_native_topk_falls_back_cleanly(monkeypatch):
+    args = _inputs(SHAPES[0], "mean", False)
+    monkeypatch.setattr(topk_native, "_library", lambda: (None, "no C compiler (test)"))
+    assert torch.equal(block_topk(*args), block_topk_naive(*args))  # auto keeps naive
+    with pytest.raises(ValueError, match="'native' is unavailable: no C compiler.*'naive'"):
+        block_topk(*args, backend="native")
+
+
+@needs_native_topk
+def test_moba_on_the_native_backend_selects_through_the_native_top_k(monkeypatch):
+    import longattn.ops.block_topk as topk_ops
+
+    calls = []
+    real = topk_ops.block_topk_native
+    monkeypatch.setattr(topk_ops, "block_topk_native", lambda *a: calls.append(1) or real(*a))
+    method, plain, fused, tk = _select_both("moba", METHOD_CASES[0][1], 120, 120, True, "auto")
+    assert calls == []  # the context's backend is gather: the PyTorch path
+    q, k = torch.randn(2, 4, 120, 16), torch.randn(2, 2, 120, 16)
+    summaries = BlockIndex(method.block_size, method.summariser()).update(k, 0, q=q)
+    ctx = SelectionContext(kv_len=120, q_offset=0, layer=0, num_kv_heads=2, keys=k, backend="native")
+    sel = method.select(q, summaries, ctx)
+    assert calls == [1]
+    ctx.backend = "gather"
+    assert torch.equal(method.select(q, summaries, ctx).to_mask(8), sel.to_mask(8))

