@@ -1,14 +1,16 @@
 """End to end on the default model: prefill, decode and peak memory of dense and sparse methods, CPU.
 
     python benchmarks/cpu_e2e.py [--lengths 2k,4k,8k,16k,32k] [--methods dense,moba,streaming] [--dtype float32]
-                                 [--decode 16] [--out docs/results/cpu_e2e.jsonl]
+                                 [--decode 16] [--cache growing] [--out docs/results/cpu_e2e.jsonl]
 
 Every (method, length) runs in its own subprocess, so its peak RSS (``ru_maxrss``) is its own, and appends one
 JSON line to ``--out``; a rerun skips the cells already there (a 32k dense prefill takes minutes on 2 cores).
 Each cell: one ``niah_single`` prompt (repeated filler, depth 0.5), the whole 30-layer prefill
 (``logits_to_keep=1``), then ``--decode`` greedy steps; the time inside ``Method.select`` is measured too, as a
-share of the time inside the attention calls. Ratios are against dense of the same length, same dtype, same
-file. Used by ``benchmarks/cpu_speed.py``, which prints the table.
+share of the time inside the attention calls. ``--cache``: the KV cache every method (dense included) runs on,
+``growing`` (``longattn.GrowingCache``, appends in place) or ``dynamic`` (transformers' ``DynamicCache``, which
+copies the cache per decoded token; lines without a "cache" field were measured on it). Ratios are against
+dense of the same length, dtype and cache, same file. Used by ``benchmarks/cpu_speed.py``, which prints the table.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 DEFAULT_OUT = Path("docs/results/cpu_e2e.jsonl")
 
 
-def run_cell(method_name: str, length: int, dtype_name: str, decode: int) -> dict:
+def run_cell(method_name: str, length: int, dtype_name: str, decode: int, cache_name: str) -> dict:
     """Measure one cell in this process (called in the subprocess)."""
     import torch
 
@@ -52,7 +54,8 @@ def run_cell(method_name: str, length: int, dtype_name: str, decode: int) -> dic
     with torch.inference_mode(), longattn.apply(model, method) as session:
         session.attend = timed(session.attend, "attend")  # type: ignore[method-assign]
         start = time.perf_counter()
-        out = model(ids, use_cache=True, logits_to_keep=1)
+        cache = longattn.GrowingCache() if cache_name == "growing" else None
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         prefill = time.perf_counter() - start
         share = timing["select"] / timing["attend"] if timing["attend"] else None
         attend_prefill = timing["attend"]
@@ -63,7 +66,7 @@ def run_cell(method_name: str, length: int, dtype_name: str, decode: int) -> dic
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         decode_s = time.perf_counter() - start
     return {
-        "method": method_name, "length": int(ids.shape[1]), "requested": length, "dtype": dtype_name,
+        "method": method_name, "length": int(ids.shape[1]), "requested": length, "dtype": dtype_name, "cache": cache_name,
         "prefill_s": prefill, "attention_prefill_s": attend_prefill, "select_share": share,
         "decode_ms": decode_s / max(1, decode) * 1000, "density": session.prefill_stats.density,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -71,23 +74,24 @@ def run_cell(method_name: str, length: int, dtype_name: str, decode: int) -> dic
     }
 
 
-def sweep(lengths: list[int], methods: list[str], dtype: str, decode: int, out: Path) -> list[dict]:
+def sweep(lengths: list[int], methods: list[str], dtype: str, decode: int, out: Path, cache: str) -> list[dict]:
     """Run the missing cells (each in a subprocess) and return every line of ``out`` for these settings."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {(r["method"], r["requested"], r["dtype"]) for r in _lines(out)}
+    done = {(r["method"], r["requested"], r["dtype"], r.get("cache", "dynamic")) for r in _lines(out)}
     for length in lengths:
         for name in methods:
-            if (name, length, dtype) in done:
+            if (name, length, dtype, cache) in done:
                 continue
             print(f"# running {name} @ {length} ({dtype})", file=sys.stderr, flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--cell", name, str(length), dtype, str(decode)],
+            proc = subprocess.run([sys.executable, __file__, "--cell", name, str(length), dtype, str(decode), cache],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stderr[-2000:], file=sys.stderr)
                 continue
             with out.open("a") as f:
                 f.write(proc.stdout.strip().splitlines()[-1] + "\n")
-    return [r for r in _lines(out) if r["dtype"] == dtype and r["requested"] in lengths and r["method"] in methods]
+    return [r for r in _lines(out) if r["dtype"] == dtype and r["requested"] in lengths and r["method"] in methods
+            and r.get("cache", "dynamic") == cache]
 
 
 def _lines(path: Path) -> list[dict]:
@@ -110,8 +114,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--cell":
-        name, length, dtype, decode = sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-        print(json.dumps(run_cell(name, length, dtype, decode)))
+        name, length, dtype, decode, cache = sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), sys.argv[6]
+        print(json.dumps(run_cell(name, length, dtype, decode, cache)))
         return
     from longattn.bench.runner import hardware, parse_lengths
 
@@ -120,10 +124,12 @@ def main() -> None:
     parser.add_argument("--methods", default="dense,moba,streaming")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--decode", type=int, default=16)
+    parser.add_argument("--cache", default="growing", choices=["growing", "dynamic"])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
-    rows = sweep(parse_lengths(args.lengths), args.methods.split(","), args.dtype, args.decode, args.out)
-    print(f"# end to end, default model, {args.dtype}: {hardware()['name']}, torch threads as in each subprocess")
+    rows = sweep(parse_lengths(args.lengths), args.methods.split(","), args.dtype, args.decode, args.out, args.cache)
+    print(f"# end to end, default model, {args.dtype}, {args.cache} cache: {hardware()['name']}, torch threads as in "
+          "each subprocess")
     print(table(rows))
 
 

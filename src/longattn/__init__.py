@@ -6,7 +6,7 @@ Every head keeps the attention sinks and a local window and retrieves only the k
 from longattn.bench.profiling import profile_heads
 from longattn.core import BlockIndex, Selection
 from longattn.core.profile import HeadProfile
-from longattn.hf import AttentionStats, Session, apply, load_model
+from longattn.hf import AttentionStats, GrowingCache, Session, apply, load_model
 from longattn.methods import Method, SelectionContext, get_method, list_methods
 from longattn.ops import block_sparse_attention, merge_attention
 
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionStats",
     "BlockIndex",
+    "GrowingCache",
     "HeadProfile",
     "Method",
     "Selection",

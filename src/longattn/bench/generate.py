@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from longattn.hf.cache import GrowingCache
+
 
 @dataclass(frozen=True)
 class GenerationResult:
@@ -38,7 +40,8 @@ def greedy_generate(
     past_key_values: Any = None,
     prefill_chunk: int | None = 2048,
 ) -> GenerationResult:
-    """Greedy decoding with the model's own cache; only the last position's logits are ever computed.
+    """Greedy decoding on a :class:`~longattn.hf.cache.GrowingCache` (or the given cache); only the last position's
+    logits are ever computed.
 
     Args:
         input_ids: ``[1, T]`` prompt tokens, ``T >= 1`` (the new tokens only, when continuing ``past_key_values``).
@@ -61,7 +64,8 @@ def greedy_generate(
         raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
     start = time.perf_counter()
     step = input_ids.shape[1] if prefill_chunk is None else prefill_chunk
-    cache = past_key_values
+    # A cache that appends in place: DynamicCache copies the whole cache per decoded token (GrowingCache).
+    cache = GrowingCache() if past_key_values is None else past_key_values
     for first in range(0, input_ids.shape[1], step):
         # logits_to_keep=1: a 12k prompt's full logits would be 12k x vocab floats (GBs) for one needed row.
         out = model(input_ids=input_ids[:, first : first + step], past_key_values=cache, use_cache=True,

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from longattn.core.positions import Rope
+from longattn.hf.cache import GrowingCache
 from longattn.hf.loading import DEFAULT_GGUF, INSTALL_DEFAULT, default_model_path, load_model
 from longattn.hf.session import AttentionStats, Observer, Session
 from longattn.methods.base import Method
@@ -24,7 +25,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _SESSION_ATTR = "_longattn_session"
 
 __all__ = [
-    "ATTENTION_NAME", "DEFAULT_GGUF", "INSTALL_DEFAULT", "SUPPORTED_MODEL_TYPES", "AttentionStats", "Observer",
+    "ATTENTION_NAME", "DEFAULT_GGUF", "INSTALL_DEFAULT", "SUPPORTED_MODEL_TYPES", "AttentionStats", "GrowingCache",
+    "Observer",
     "Session", "apply", "check_model", "default_model_path", "load_model",
 ]
 

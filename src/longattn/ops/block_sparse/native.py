@@ -31,7 +31,7 @@ from longattn.ops.native_build import build_kernel, cpu_flags
 
 _SOURCE = Path(__file__).with_name("native_kernel.c")
 _HEADERS = (Path(__file__).with_name("native_rows.h"), Path(__file__).with_name("native_amx.h"))
-_ABI = 2
+_ABI = 3
 
 
 @functools.cache
@@ -43,7 +43,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, built.reason
     lib.longattn_compile_seconds = built.compile_seconds
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.longattn_block_sparse.argtypes = [ptr] * 8 + [i64] * 12 + [ctypes.c_int, ctypes.c_float] + [ctypes.c_int] * 3
+    lib.longattn_block_sparse.argtypes = [ptr] * 8 + [i64] * 13 + [ctypes.c_int, ctypes.c_float] + [ctypes.c_int] * 3
     lib.longattn_block_sparse.restype = ctypes.c_int
     return lib, ""
 
@@ -67,6 +67,13 @@ def compile_seconds() -> float | None:
 def bf16_supported() -> bool:
     """Whether bfloat16 inputs run as bf16 products (AVX512-BF16); otherwise they are computed from fp32."""
     return "avx512_bf16" in cpu_flags()
+
+
+def _rows_in_place(t: Tensor) -> bool:
+    """``t [B, H, T, D]`` with contiguous rows, rows of a head adjacent and heads at one stride ``>= T*D``."""
+    b, h, n, d = t.shape
+    s0, s1, s2, s3 = t.stride()
+    return s3 == 1 and s2 == d and s1 % d == 0 and s1 >= n * d and (b == 1 or s0 == h * s1)
 
 
 def block_sparse_attention_native(
@@ -100,8 +107,14 @@ def block_sparse_attention_native(
     work = torch.bfloat16 if bf16 else torch.float32
     if d > 256:
         raise ValueError(f"backend='native' takes head dimensions up to 256, got D={d}; use 'gather'")
-    # No-ops for contiguous inputs of the working dtype (the usual case); a strided cache is copied once.
-    qc, kc, vc = (t.to(work).contiguous() for t in (q, k, v))
+    # No-ops for inputs of the working dtype laid out as the kernel reads them (the usual case): q contiguous;
+    # k and v rows contiguous within a head, heads at one stride, which a cache with room to grow (a view of
+    # the first Tk rows of a longer buffer, longattn.hf.cache) is: read in place, never copied per step.
+    qc = q.to(work).contiguous()
+    kc, vc = k.to(work), v.to(work)
+    if not (_rows_in_place(kc) and _rows_in_place(vc) and kc.stride() == vc.stride()):
+        kc, vc = kc.contiguous(), vc.contiguous()
+    tcap = kc.stride(1) // d
     idx = selection.indices.contiguous()
     cnt = selection.counts.contiguous()
     mask = None if key_mask is None else key_mask.to(torch.uint8).contiguous()
@@ -110,7 +123,7 @@ def block_sparse_attention_native(
     code = lib.longattn_block_sparse(
         qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), idx.data_ptr(), cnt.data_ptr(),
         None if mask is None else mask.data_ptr(), out.data_ptr(), lse.data_ptr(),
-        b, hq, hkv, selection.num_heads, tq, tk, d, idx.shape[-1], selection.num_q_blocks,
+        b, hq, hkv, selection.num_heads, tq, tk, tcap, d, idx.shape[-1], selection.num_q_blocks,
         selection.kv_block_size, selection.query_block_size, offset, int(causal), scale, int(bf16),
         int(os.environ.get("LONGATTN_NATIVE_AMX", "1") != "0"), torch.get_num_threads(),
     )

@@ -113,8 +113,8 @@ static inline __attribute__((always_inline)) void tile_amx(const Problem *P, int
     __m512 m = _mm512_set1_ps(-INFINITY), lsum = _mm512_setzero_ps();
     const int64_t kvh = (hs * (P->Hq / P->Hs)) / (P->Hq / P->Hkv);
     const size_t row_bytes = (size_t)D * 2;
-    const char *kbase = (const char *)P->k + (size_t)((b * P->Hkv + kvh) * P->Tk) * row_bytes;
-    const char *vbase = (const char *)P->v + (size_t)((b * P->Hkv + kvh) * P->Tk) * row_bytes;
+    const char *kbase = (const char *)P->k + (size_t)((b * P->Hkv + kvh) * P->Tcap) * row_bytes;
+    const char *vbase = (const char *)P->v + (size_t)((b * P->Hkv + kvh) * P->Tcap) * row_bytes;
     const uint8_t *valid = P->key_mask ? P->key_mask + b * P->Tk : NULL;
     static const uint16_t zeros[LANES * 64] __attribute__((aligned(64)));
     uint16_t kbuf[2][LANES * 64] __attribute__((aligned(64))), vbuf[2][LANES * 64] __attribute__((aligned(64)));

@@ -55,7 +55,7 @@ typedef struct {
     const int32_t *idx, *cnt;
     const uint8_t *key_mask; /* [B, Tk] or NULL */
     float *out, *lse;        /* [B, Hq, Tq, D], [B, Hq, Tq] */
-    int64_t B, Hq, Hkv, Hs, Tq, Tk, D, S, nqb, bs, qbs, offset;
+    int64_t B, Hq, Hkv, Hs, Tq, Tk, Tcap, D, S, nqb, bs, qbs, offset; /* Tcap: K/V rows per head (>= Tk) */
     int causal, bf16, amx; /* amx: bf16 through AMX tiles (granted by the OS, D = 32 or 64) */
     float scale;
 } Problem;
@@ -234,8 +234,8 @@ static inline __attribute__((always_inline)) void tile_impl(const Problem *P, in
     __m512 m = _mm512_set1_ps(-INFINITY), lsum = _mm512_setzero_ps();
     const int64_t kvh = (hs * hps) / group;
     const size_t esz = P->bf16 ? 2 : 4, row_bytes = (size_t)D * esz;
-    const char *kbase = (const char *)P->k + (size_t)((b * P->Hkv + kvh) * P->Tk) * row_bytes;
-    const char *vbase = (const char *)P->v + (size_t)((b * P->Hkv + kvh) * P->Tk) * row_bytes;
+    const char *kbase = (const char *)P->k + (size_t)((b * P->Hkv + kvh) * P->Tcap) * row_bytes;
+    const char *vbase = (const char *)P->v + (size_t)((b * P->Hkv + kvh) * P->Tcap) * row_bytes;
     const uint8_t *valid = P->key_mask ? P->key_mask + b * P->Tk : NULL;
     float kbuf[LANES * DMAX] __attribute__((aligned(64))), vbuf[LANES * DMAX] __attribute__((aligned(64)));
     const int64_t row = (b * P->Hs + hs) * P->nqb + j;
@@ -321,10 +321,11 @@ static void tile(const Problem *P, int64_t b, int64_t hs, int64_t j, int64_t t) 
     }
 }
 
-/* Returns 0, or a negative code for inputs this kernel does not take (the caller checks them first). */
+/* k, v [B, Hkv, Tcap, D] of which the first Tk rows per head are read: a cache with room to grow is read in
+ * place. Returns 0, or a negative code for inputs this kernel does not take (the caller checks them first). */
 int longattn_block_sparse(const void *q, const void *k, const void *v, const int32_t *idx, const int32_t *cnt,
                           const uint8_t *key_mask, float *out, float *lse, int64_t B, int64_t Hq, int64_t Hkv,
-                          int64_t Hs, int64_t Tq, int64_t Tk, int64_t D, int64_t S, int64_t nqb, int64_t bs,
+                          int64_t Hs, int64_t Tq, int64_t Tk, int64_t Tcap, int64_t D, int64_t S, int64_t nqb, int64_t bs,
                           int64_t qbs, int64_t offset, int causal, float scale, int bf16, int use_amx,
                           int threads) {
     if (D > DMAX || (bf16 && D % 2)) return -1;
@@ -335,7 +336,7 @@ int longattn_block_sparse(const void *q, const void *k, const void *v, const int
 #ifdef LONGATTN_AMX
     amx = bf16 && (D == 32 || D == 64) && use_amx && amx_request();
 #endif
-    Problem P = {q, k, v, idx, cnt, key_mask, out, lse, B, Hq, Hkv, Hs, Tq, Tk, D, S, nqb, bs, qbs, offset,
+    Problem P = {q, k, v, idx, cnt, key_mask, out, lse, B, Hq, Hkv, Hs, Tq, Tk, Tcap, D, S, nqb, bs, qbs, offset,
                  causal, bf16, amx, scale};
     const int64_t tiles = (Hq / Hs * qbs + LANES - 1) / LANES;
     const int64_t per_block = B * Hs * tiles, items = nqb * per_block;
@@ -347,4 +348,4 @@ int longattn_block_sparse(const void *q, const void *k, const void *v, const int
     return 0;
 }
 
-int longattn_abi_version(void) { return 2; }
+int longattn_abi_version(void) { return 3; }

@@ -20,8 +20,8 @@ static inline __attribute__((always_inline)) void row_impl(const Problem *P, int
     const int64_t nz = (D + 15) / 16, kvh = h / (P->Hq / P->Hkv);
     const int32_t rowpos = P->causal ? (int32_t)(P->offset + tok) : (int32_t)P->Tk;
     const size_t esz = P->bf16 ? 2 : 4, row_bytes = (size_t)D * esz;
-    const char *kbase = (const char *)P->k + (size_t)((b * P->Hkv + kvh) * P->Tk) * row_bytes;
-    const char *vbase = (const char *)P->v + (size_t)((b * P->Hkv + kvh) * P->Tk) * row_bytes;
+    const char *kbase = (const char *)P->k + (size_t)((b * P->Hkv + kvh) * P->Tcap) * row_bytes;
+    const char *vbase = (const char *)P->v + (size_t)((b * P->Hkv + kvh) * P->Tcap) * row_bytes;
     const uint8_t *valid = P->key_mask ? P->key_mask + b * P->Tk : NULL;
     const int64_t at = (b * P->Hq + h) * P->Tq + tok;
     __m512 qv[DMAX / 16], o[DMAX / 16];

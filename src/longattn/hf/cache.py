@@ -1,0 +1,92 @@
+"""A KV cache that appends in place: transformers' ``DynamicCache`` with room to grow.
+
+Why: ``DynamicCache`` appends a decoded token with ``torch.cat``, which copies the whole layer's keys and
+values every step. On the default model over an 8k prompt that copy was 29 ms of moba's 87 ms per token
+(cProfile, 2 Xeon cores), more than the sparse attention and selection together, and it grows with the
+context. :class:`GrowingCache` keeps each layer's keys and values in buffers with headroom and hands out views
+of their filled part; a step writes only its new rows, and a buffer is reallocated (amortised: a quarter more
+than needed) only when it is full. Headroom that is never written is never touched, so on Linux it costs no
+resident memory. The native operator reads these views in place.
+
+It is a ``DynamicCache`` (same layer API, same results); pass it as ``past_key_values``. Full-attention layers
+only: a model with sliding-window layers keeps transformers' own cache for them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+# Tokens of headroom beyond what a reallocation needs: at least this many, or a quarter of the length.
+_MIN_HEADROOM = 256
+
+
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose ``keys`` / ``values`` (``[B, Hkv, T, D]``) are views of the first ``T`` rows of
+    ``[B, Hkv, capacity, D]`` buffers. Anything that replaces ``keys`` / ``values`` (``crop``, beam
+    reordering, batch selection, offloading) is adopted as the new content on the next update."""
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._buffers: tuple[Tensor, Tensor] | None = None
+        self._views: tuple[Tensor, Tensor] | None = None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Append ``key_states, value_states [B, Hkv, Tnew, D]``; returns the views ``[B, Hkv, T + Tnew, D]``."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self._views is None or self.keys is not self._views[0] or self.values is not self._views[1]:
+            self._adopt()
+        kbuf, vbuf = self._buffers if self._buffers is not None else (None, None)
+        have = 0 if self._views is None else self._views[0].shape[-2]
+        need = have + key_states.shape[-2]
+        if kbuf is None or need > kbuf.shape[-2] or kbuf.shape[:2] != key_states.shape[:2]:
+            kbuf, vbuf = self._grow(key_states, value_states, have, need)
+        kbuf[:, :, have:need] = key_states
+        vbuf[:, :, have:need] = value_states
+        self.keys, self.values = kbuf[:, :, :need], vbuf[:, :, :need]
+        self._views = (self.keys, self.values)
+        return self.keys, self.values
+
+    def _adopt(self) -> None:
+        """Take ``keys`` / ``values`` as set from outside (or empty) as the content to grow from."""
+        self._buffers = None
+        keys, values = getattr(self, "keys", None), getattr(self, "values", None)
+        if keys is None or keys.dim() != 4 or keys.shape[-2] == 0:
+            self._views = None
+            return
+        self._buffers = (keys, values)
+        self._views = (keys, values)
+
+    def _grow(self, key_states: Tensor, value_states: Tensor, have: int, need: int) -> tuple[Tensor, Tensor]:
+        capacity = need + max(_MIN_HEADROOM, need // 4)
+        b, h, _, d = key_states.shape
+        kbuf = torch.empty(b, h, capacity, d, dtype=key_states.dtype, device=key_states.device)
+        vbuf = torch.empty(b, h, capacity, value_states.shape[-1], dtype=value_states.dtype, device=value_states.device)
+        if have:
+            old_k, old_v = self._views if self._views is not None else (self.keys, self.values)
+            kbuf[:, :, :have] = old_k
+            vbuf[:, :, :have] = old_v
+        self._buffers = (kbuf, vbuf)
+        return kbuf, vbuf
+
+    def reset(self) -> None:
+        self._buffers = self._views = None
+        super().reset()
+
+
+class GrowingCache(DynamicCache):
+    """A ``DynamicCache`` of :class:`GrowingLayer` (one per layer, created as layers first write)::
+
+        cache = longattn.GrowingCache()
+        out = model(ids, past_key_values=cache, use_cache=True)   # or model.generate(..., past_key_values=cache)
+    """
+
+    def __init__(self) -> None:
+        Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
+
+
+__all__ = ["GrowingCache", "GrowingLayer"]
