@@ -10,7 +10,8 @@ Each cell: one ``niah_single`` prompt (repeated filler, depth 0.5), the whole 30
 share of the time inside the attention calls. ``--cache``: the KV cache every method (dense included) runs on,
 ``growing`` (``longattn.GrowingCache``, appends in place) or ``dynamic`` (transformers' ``DynamicCache``, which
 copies the cache per decoded token; lines without a "cache" field were measured on it). Ratios are against
-dense of the same length, dtype and cache, same file. Used by ``benchmarks/cpu_speed.py``, which prints the table.
+dense of the same length, dtype and cache, same file. ``benchmarks/cpu_speed.py --e2e`` runs it after the
+operator cells and appends its table.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_speed.py --quick [--out docs/results/cpu.md]     # 4k-16k, ~15 min on 2 cores
     python benchmarks/cpu_speed.py [--out docs/results/cpu.md]             # 4k-32k
+    python benchmarks/cpu_speed.py --e2e [--out docs/results/cpu.md]       # and end to end (cpu_e2e.py), 2k-32k
 
 Shapes are the default model's (B=1, Hq=9, Hkv=3, D=64) with random q/k/v; selections are per query head,
 query blocks of 16, sinks and the diagonal block kept plus random earlier blocks to ~10% of the causal pairs
@@ -226,6 +227,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fresh", action="store_true", help="ignore finished cells of an earlier run")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per cell")
+    parser.add_argument("--e2e", action="store_true",
+                        help="append the end-to-end table of benchmarks/cpu_e2e.py (dense, moba, streaming; "
+                             "GrowingCache; 2k-16k with --quick, else to 32k; cells kept in cpu_e2e.jsonl beside --out)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -250,6 +254,14 @@ def main() -> None:
         with store.open("a") as f:
             f.write(json.dumps(r) + "\n")
     text = report(results)
+    if args.e2e:
+        import cpu_e2e
+
+        lengths = [2048, 4096, 8192, 16384] + ([] if args.quick else [32768])
+        rows = cpu_e2e.sweep(lengths, ["dense", "moba", "streaming"], "float32", 16,
+                             store.with_name("cpu_e2e.jsonl"), "growing")
+        text += ("\n\nEnd to end (benchmarks/cpu_e2e.py): the default model, float32, GrowingCache for every "
+                 "method, one prompt per cell, each cell in its own process.\n\n" + cpu_e2e.table(rows) + "\n")
     print(text)
     if args.out:
         # Notes written under the marker (what the numbers mean, what limits a target) survive a rerun.

@@ -282,3 +282,12 @@ def test_moba_on_the_native_backend_selects_through_the_native_top_k(monkeypatch
     assert calls == [1]
     ctx.backend = "gather"
     assert torch.equal(method.select(q, summaries, ctx).to_mask(8), sel.to_mask(8))
+
+
+@needs_native_topk
+@pytest.mark.parametrize("kind", ["mean", "minmax"])
+def test_native_reads_a_transposed_projection(kind):
+    args = _inputs((2, 6, 3, 50, 32, 40, 16, 8), kind, True, seed=4)
+    q_t = args[0].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not q_t.is_contiguous()
+    assert torch.equal(topk_native.block_topk_native(q_t, *args[1:]), block_topk_naive(*args))

@@ -131,3 +131,20 @@ def test_both_bf16_paths_match_naive(amx, monkeypatch):
     out, lse = block_sparse_attention_native(q, k, v, sel)
     ref, ref_lse = block_sparse_attention_naive(q, k, v, sel)
     assert_matches_naive(out, lse, ref, ref_lse, 1e-2)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tq", [70, 1], ids=["prefill", "decode"])
+def test_native_reads_a_transposed_projection_without_copying_it(dtype, tq):
+    # The model's q is its projection [B, T, H, D] transposed to [B, H, T, D]: read at its strides. The output
+    # is written [B, T, H, D] and returned as a [B, H, T, D] view, so the model's transpose back is free.
+    q, k, v = make_qkv(2, 6, 2, tq, 90, 64, dtype, seed=8)
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)
+    assert tq == 1 or not q_t.is_contiguous()
+    sel = random_selection(2, 6, tq, 90, 16 if tq > 1 else 1, 16, 0.5, seed=9)
+    out, lse = block_sparse_attention_native(q_t, k, v, sel)
+    ref, ref_lse = block_sparse_attention_native(q, k, v, sel)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=0)
+    assert out.transpose(1, 2).is_contiguous()

@@ -31,7 +31,7 @@ from longattn.ops.native_build import build_kernel, cpu_flags
 
 _SOURCE = Path(__file__).with_name("native_kernel.c")
 _HEADERS = (Path(__file__).with_name("native_rows.h"), Path(__file__).with_name("native_amx.h"))
-_ABI = 3
+_ABI = 4
 
 
 @functools.cache
@@ -43,7 +43,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, built.reason
     lib.longattn_compile_seconds = built.compile_seconds
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.longattn_block_sparse.argtypes = [ptr] * 8 + [i64] * 13 + [ctypes.c_int, ctypes.c_float] + [ctypes.c_int] * 3
+    lib.longattn_block_sparse.argtypes = ([ptr] * 8 + [i64] * 13 + [ptr, ptr] + [ctypes.c_int, ctypes.c_float]
+                                          + [ctypes.c_int] * 3)
     lib.longattn_block_sparse.restype = ctypes.c_int
     return lib, ""
 
@@ -110,7 +111,10 @@ def block_sparse_attention_native(
     # No-ops for inputs of the working dtype laid out as the kernel reads them (the usual case): q contiguous;
     # k and v rows contiguous within a head, heads at one stride, which a cache with room to grow (a view of
     # the first Tk rows of a longer buffer, longattn.hf.cache) is: read in place, never copied per step.
-    qc = q.to(work).contiguous()
+    # q at its strides (the model's projection, transposed, is not copied); only d must be contiguous.
+    qc = q.to(work)
+    if qc.stride(3) != 1:
+        qc = qc.contiguous()
     kc, vc = k.to(work), v.to(work)
     if not (_rows_in_place(kc) and _rows_in_place(vc) and kc.stride() == vc.stride()):
         kc, vc = kc.contiguous(), vc.contiguous()
@@ -118,13 +122,18 @@ def block_sparse_attention_native(
     idx = selection.indices.contiguous()
     cnt = selection.counts.contiguous()
     mask = None if key_mask is None else key_mask.to(torch.uint8).contiguous()
-    out = torch.empty(b, hq, tq, d, dtype=torch.float32)
+    # Written [B, Tq, Hq, D] and returned as its [B, Hq, Tq, D] view: the layout the model reshapes the
+    # attention output from, so its transpose back is free instead of a copy per layer.
+    out = torch.empty(b, tq, hq, d, dtype=torch.float32).transpose(1, 2)
+    q_strides = torch.tensor(qc.stride()[:3], dtype=torch.int64)
+    out_strides = torch.tensor(out.stride()[:3], dtype=torch.int64)
     lse = torch.empty(b, hq, tq, dtype=torch.float32)
     code = lib.longattn_block_sparse(
         qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), idx.data_ptr(), cnt.data_ptr(),
         None if mask is None else mask.data_ptr(), out.data_ptr(), lse.data_ptr(),
         b, hq, hkv, selection.num_heads, tq, tk, tcap, d, idx.shape[-1], selection.num_q_blocks,
-        selection.kv_block_size, selection.query_block_size, offset, int(causal), scale, int(bf16),
+        selection.kv_block_size, selection.query_block_size, offset, q_strides.data_ptr(),
+        out_strides.data_ptr(), int(causal), scale, int(bf16),
         int(os.environ.get("LONGATTN_NATIVE_AMX", "1") != "0"), torch.get_num_threads(),
     )
     if code != 0:

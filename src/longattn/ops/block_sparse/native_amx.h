@@ -99,7 +99,7 @@ static inline __attribute__((always_inline)) void tile_amx(const Problem *P, int
         for (int l = 0; l < LANES; l++)
             r[l] = rowpos[l] < 0 ? _mm512_setzero_ps()
                                  : _mm512_loadu_ps((const float *)((const uint16_t *)P->q +
-                                                                   ((b * P->Hq + head[l]) * P->Tq + tok[l]) * D + h));
+                                                                   qat(P, b, head[l], tok[l]) + h));
         transpose16(r);
         for (int p = 0; p < LANES; p++) _mm512_store_ps((float *)(QT2 + (h + 2 * p) * LANES), r[p]);
     }
@@ -208,7 +208,7 @@ static inline __attribute__((always_inline)) void tile_amx(const Problem *P, int
         int64_t at = (b * P->Hq + head[l]) * P->Tq + tok[l];
         float inv = lv[l] > 0.0f ? 1.0f / lv[l] : 0.0f;
         for (int64_t z = 0; z < D; z += 16)
-            _mm512_storeu_ps(P->out + at * D + z, _mm512_mul_ps(_mm512_load_ps(OL + l * D + z), _mm512_set1_ps(inv)));
+            _mm512_storeu_ps(P->out + oat(P, b, head[l], tok[l]) + z, _mm512_mul_ps(_mm512_load_ps(OL + l * D + z), _mm512_set1_ps(inv)));
         P->lse[at] = lv[l] > 0.0f ? mv[l] * 0.693147180559945f + logf(lv[l]) : -INFINITY;
     }
 }

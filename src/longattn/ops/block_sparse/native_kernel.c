@@ -56,9 +56,18 @@ typedef struct {
     const uint8_t *key_mask; /* [B, Tk] or NULL */
     float *out, *lse;        /* [B, Hq, Tq, D], [B, Hq, Tq] */
     int64_t B, Hq, Hkv, Hs, Tq, Tk, Tcap, D, S, nqb, bs, qbs, offset; /* Tcap: K/V rows per head (>= Tk) */
+    int64_t qs[3], os[3]; /* element strides of q and out over (batch, head, token); d is contiguous */
     int causal, bf16, amx; /* amx: bf16 through AMX tiles (granted by the OS, D = 32 or 64) */
     float scale;
 } Problem;
+
+/* Offsets of row (b, h, t) of q and of out, in elements. */
+static inline int64_t qat(const Problem *P, int64_t b, int64_t h, int64_t t) {
+    return b * P->qs[0] + h * P->qs[1] + t * P->qs[2];
+}
+static inline int64_t oat(const Problem *P, int64_t b, int64_t h, int64_t t) {
+    return b * P->os[0] + h * P->os[1] + t * P->os[2];
+}
 
 /* Scores S^T[key][row] of one chunk of 16 keys, rows kc[i * D ...] (fp32): K elements as broadcasts. */
 static inline __attribute__((always_inline)) void scores_f32(const float *QT, const float *kc, __m512 *acc,
@@ -212,7 +221,7 @@ static inline __attribute__((always_inline)) void tile_impl(const Problem *P, in
         for (int64_t d = 0; d < D; d++) {
             float x = 0.0f;
             if (rowpos[l] >= 0) {
-                int64_t at = ((b * P->Hq + head[l]) * P->Tq + tok[l]) * D + d;
+                int64_t at = qat(P, b, head[l], tok[l]) + d;
                 x = P->bf16 ? bf16_to_f32(((const uint16_t *)P->q)[at]) : ((const float *)P->q)[at];
             }
             QT[d * LANES + l] = x;
@@ -282,7 +291,8 @@ static inline __attribute__((always_inline)) void tile_impl(const Problem *P, in
         if (rowpos[l] < 0) continue;
         int64_t at = (b * P->Hq + head[l]) * P->Tq + tok[l];
         float inv = lv[l] > 0.0f ? 1.0f / lv[l] : 0.0f;
-        for (int64_t d = 0; d < D; d++) P->out[at * D + d] = OT[d * LANES + l] * inv;
+        float *o = P->out + oat(P, b, head[l], tok[l]);
+        for (int64_t d = 0; d < D; d++) o[d] = OT[d * LANES + l] * inv;
         P->lse[at] = lv[l] > 0.0f ? mv[l] + logf(lv[l]) : -INFINITY;
     }
 }
@@ -322,12 +332,13 @@ static void tile(const Problem *P, int64_t b, int64_t hs, int64_t j, int64_t t) 
 }
 
 /* k, v [B, Hkv, Tcap, D] of which the first Tk rows per head are read: a cache with room to grow is read in
- * place. Returns 0, or a negative code for inputs this kernel does not take (the caller checks them first). */
+ * place. q and out are read / written at their strides (a transposed projection is not copied; out may be
+ * laid out [B, Tq, Hq, D], the layout the model reshapes for free). Returns 0, or a negative code for inputs this kernel does not take (the caller checks them first). */
 int longattn_block_sparse(const void *q, const void *k, const void *v, const int32_t *idx, const int32_t *cnt,
                           const uint8_t *key_mask, float *out, float *lse, int64_t B, int64_t Hq, int64_t Hkv,
                           int64_t Hs, int64_t Tq, int64_t Tk, int64_t Tcap, int64_t D, int64_t S, int64_t nqb, int64_t bs,
-                          int64_t qbs, int64_t offset, int causal, float scale, int bf16, int use_amx,
-                          int threads) {
+                          int64_t qbs, int64_t offset, const int64_t *q_strides, const int64_t *out_strides,
+                          int causal, float scale, int bf16, int use_amx, int threads) {
     if (D > DMAX || (bf16 && D % 2)) return -1;
 #ifndef __AVX512BF16__
     if (bf16) return -2;
@@ -337,6 +348,7 @@ int longattn_block_sparse(const void *q, const void *k, const void *v, const int
     amx = bf16 && (D == 32 || D == 64) && use_amx && amx_request();
 #endif
     Problem P = {q, k, v, idx, cnt, key_mask, out, lse, B, Hq, Hkv, Hs, Tq, Tk, Tcap, D, S, nqb, bs, qbs, offset,
+                 {q_strides[0], q_strides[1], q_strides[2]}, {out_strides[0], out_strides[1], out_strides[2]},
                  causal, bf16, amx, scale};
     const int64_t tiles = (Hq / Hs * qbs + LANES - 1) / LANES;
     const int64_t per_block = B * Hs * tiles, items = nqb * per_block;
@@ -348,4 +360,4 @@ int longattn_block_sparse(const void *q, const void *k, const void *v, const int
     return 0;
 }
 
-int longattn_abi_version(void) { return 3; }
+int longattn_abi_version(void) { return 4; }

@@ -26,7 +26,7 @@ static inline __attribute__((always_inline)) void row_impl(const Problem *P, int
     const int64_t at = (b * P->Hq + h) * P->Tq + tok;
     __m512 qv[DMAX / 16], o[DMAX / 16];
     for (int64_t z = 0; z < nz; z++) {
-        qv[z] = _mm512_mul_ps(load16((const char *)P->q + (at * D + 16 * z) * esz, P->bf16, lanes_of(D, z)),
+        qv[z] = _mm512_mul_ps(load16((const char *)P->q + (qat(P, b, h, tok) + 16 * z) * esz, P->bf16, lanes_of(D, z)),
                               _mm512_set1_ps(P->scale));
         o[z] = _mm512_setzero_ps();
     }
@@ -35,7 +35,7 @@ static inline __attribute__((always_inline)) void row_impl(const Problem *P, int
     const int pairs = P->bf16 && D % 32 == 0;
     __m512bh qb[DMAX / 32];
     for (int64_t z = 0; pairs && z < D / 32; z++)
-        qb[z] = (__m512bh)_mm512_loadu_si512((const void *)((const uint16_t *)P->q + at * D + 32 * z));
+        qb[z] = (__m512bh)_mm512_loadu_si512((const void *)((const uint16_t *)P->q + qat(P, b, h, tok) + 32 * z));
 #else
     const int pairs = 0;
 #endif
@@ -113,7 +113,7 @@ static inline __attribute__((always_inline)) void row_impl(const Problem *P, int
     }
     float inv = l > 0.0f ? 1.0f / l : 0.0f;
     for (int64_t z = 0; z < nz; z++) {
-        _mm512_mask_storeu_ps(P->out + at * D + 16 * z, lanes_of(D, z), _mm512_mul_ps(o[z], _mm512_set1_ps(inv)));
+        _mm512_mask_storeu_ps(P->out + oat(P, b, h, tok) + 16 * z, lanes_of(D, z), _mm512_mul_ps(o[z], _mm512_set1_ps(inv)));
     }
     P->lse[at] = l > 0.0f ? m + logf(l) : -INFINITY;
 }

@@ -21,7 +21,7 @@ from longattn.ops.block_topk.naive import check_topk_inputs
 from longattn.ops.native_build import build_kernel
 
 _SOURCE = Path(__file__).with_name("native_topk.c")
-_ABI = 2
+_ABI = 3
 
 
 @functools.cache
@@ -32,7 +32,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     if lib is None:
         return None, built.reason
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.longattn_block_topk.argtypes = [ptr] * 8 + [i64] * 11 + [ctypes.c_int] * 3
+    lib.longattn_block_topk.argtypes = [ptr] * 8 + [i64] * 11 + [ptr] + [ctypes.c_int] * 3
     lib.longattn_block_topk.restype = ctypes.c_int
     return lib, ""
 
@@ -72,7 +72,10 @@ def block_topk_native(
     b, hq, tq, d = q.shape
     hkv, nkb = summaries.shape[1], summaries.shape[2]
     nqb = -(-tq // query_block_size)
-    qc = (q if q.dtype in (torch.float32, torch.bfloat16) else q.float()).contiguous()
+    qc = q if q.dtype in (torch.float32, torch.bfloat16) else q.float()
+    if qc.stride(3) != 1:  # read at its strides otherwise: the model's transposed projection is not copied
+        qc = qc.contiguous()
+    q_strides = torch.tensor(qc.stride()[:3], dtype=torch.int64)
     s = summaries.float().contiguous()
     npad = -(-nkb // 32) * 32
     mt = None
@@ -89,7 +92,7 @@ def block_topk_native(
     code = lib.longattn_block_topk(
         qc.data_ptr(), None if mt is None else mt.data_ptr(), s.data_ptr(), lim.data_ptr(), lo.data_ptr(),
         hi.data_ptr(), None if keys is None else keys.data_ptr(), out.data_ptr(),
-        b, hq, hkv, tq, d, nkb, npad, s.shape[3], query_block_size, nqb, top_k,
+        b, hq, hkv, tq, d, nkb, npad, s.shape[3], query_block_size, nqb, top_k, q_strides.data_ptr(),
         int(kind == "minmax"), int(qc.dtype == torch.bfloat16), torch.get_num_threads(),
     )
     if code != 0:

@@ -24,7 +24,7 @@
 
 #define ROWS 8
 
-int longattn_topk_abi_version(void) { return 2; }
+int longattn_topk_abi_version(void) { return 3; }
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -114,7 +114,8 @@ static void pooled_column(const float *q, const int32_t *head, int64_t nrows, co
     }
 }
 
-/* q [B, Hq, Tq, D] (float32, or bfloat16 when q_bf16). Summaries either transposed, mt [B, Hkv, Dk, Npad]
+/* q [B, Hq, Tq, D] (float32, or bfloat16 when q_bf16) at element strides qs over (batch, head, token), d
+ * contiguous: the model's transposed projection is read without a copy. Summaries either transposed, mt [B, Hkv, Dk, Npad]
  * float32 (Dk = D, or 2D for minmax: max rows then min rows; Npad a multiple of 32, zero beyond Nblk), or as
  * the index keeps them (mt NULL), s [B, Hkv, Nblk, R, D] float32 (R = 1 mean, R >= 2 min, max), transposed
  * here one 32-block column at a time: worth it when few query blocks read each column (decode), where a
@@ -123,7 +124,8 @@ static void pooled_column(const float *q, const int32_t *head, int64_t nrows, co
 int longattn_block_topk(const void *q, const float *mt, const float *s, const int64_t *limit,
                         const int64_t *sink_lo, const int64_t *sink_hi, const uint8_t *has_key, int32_t *out,
                         int64_t B, int64_t Hq, int64_t Hkv, int64_t Tq, int64_t D, int64_t nblk, int64_t npad,
-                        int64_t R, int64_t qbs, int64_t nqb, int64_t top_k, int minmax, int q_bf16, int threads) {
+                        int64_t R, int64_t qbs, int64_t nqb, int64_t top_k, const int64_t *qs, int minmax,
+                        int q_bf16, int threads) {
     if (Hq % Hkv || npad % 32 || npad < nblk || top_k < 1 || qbs < 1 || (!mt && !s) || R < 1 + minmax) return 1;
     const int64_t G = Hq / Hkv, dk = minmax ? 2 * D : D;
     const int64_t ntask = B * Hkv * nqb;
@@ -162,7 +164,7 @@ int longattn_block_topk(const void *q, const float *mt, const float *s, const in
                  * holds one head's rows, whose max a repeated row leaves unchanged. */
                 const int64_t take = rows >= ROWS ? ((rows + ROWS - 1) / ROWS) * ROWS : rows;
                 for (int64_t r = 0; r < take; r++, nrows++) {
-                    const int64_t at = ((b * Hq + hq) * Tq + first + (r < rows ? r : rows - 1)) * D;
+                    const int64_t at = b * qs[0] + hq * qs[1] + (first + (r < rows ? r : rows - 1)) * qs[2];
                     float *dst = qloc + nrows * dk;
                     head[nrows] = (int32_t)g;
                     for (int64_t d = 0; d < D; d++) {
