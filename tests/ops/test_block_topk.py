@@ -11,6 +11,7 @@ import longattn
 from longattn.core.index import BlockIndex
 from longattn.methods import SelectionContext
 from longattn.ops.block_topk import block_topk, block_topk_naive, fused_topk_available
+from longattn.ops.block_topk import native as topk_native
 from tests.ops.gpu_helpers import DEVICE, TRITON_MISSING, requires_cuda
 
 # (B, Hq, Hkv, Tq, D, Nblk, qbs, top_k)
@@ -208,8 +209,6 @@ def test_fused_selection_equals_the_methods_own_on_random_geometry(name, bs, qbs
 
 
 # --- backend "native" (C kernel, AVX-512 CPUs) against naive -------------------------------------------------
-
-from longattn.ops.block_topk import native as topk_native  # noqa: E402
 
 needs_native_topk = pytest.mark.skipif(not topk_native.native_topk_available(),
                                        reason=topk_native.native_topk_unavailable_reason())

@@ -7,7 +7,7 @@ import torch
 
 from longattn.core.selection import Selection
 from longattn.ops import block_sparse_attention_naive
-from longattn.ops.dense import dense_attention
+from longattn.ops.dense import dense_attention, sliding_window_attention, sliding_window_attention_naive
 
 
 @pytest.mark.parametrize("tq, tk, q_offset", [(96, 96, None), (1, 96, None), (40, 96, None), (40, 96, 20), (1, 96, 50)],
@@ -25,3 +25,32 @@ def test_dense_attention_equals_all_blocks_operator(tq, tk, q_offset, padded):
     ref, _ = block_sparse_attention_naive(q, k, v, sel, key_mask=key_mask, q_offset=q_offset)
     out = dense_attention(q, k, v, key_mask=key_mask, q_offset=q_offset)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+# --- sliding-window attention (the model's sliding layers) against its definition --------------------------
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["all-keys", "padded"])
+@pytest.mark.parametrize("window,chunk", [(1, 7), (5, 3), (24, 16), (200, 64)])
+@pytest.mark.parametrize("tq,tk", [(90, 90), (1, 90), (30, 90)], ids=["prefill", "decode", "chunk"])
+def test_sliding_window_equals_its_definition(tq, tk, window, chunk, padded):
+    g = torch.Generator().manual_seed(window + tq)
+    q, k, v = torch.randn(2, 4, tq, 16, generator=g), torch.randn(2, 2, tk, 16, generator=g), torch.randn(2, 2, tk, 16, generator=g)
+    key_mask = None
+    if padded:
+        key_mask = torch.ones(2, tk, dtype=torch.bool)
+        key_mask[1, :13] = False
+    ref = sliding_window_attention_naive(q, k, v, window, 0.3, key_mask)
+    out = sliding_window_attention(q, k, v, window, 0.3, key_mask, chunk=chunk)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if window < tk:  # guard: the window really leaves keys out
+        full = sliding_window_attention_naive(q, k, v, tk, 0.3, key_mask)
+        assert (full - ref).abs().max() > 1e-3
+
+
+def test_sliding_window_rejects_bad_arguments():
+    q = k = v = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="window must be an int >= 1"):
+        sliding_window_attention(q, k, v, 0)
+    with pytest.raises(ValueError, match="chunk must be an int >= 1"):
+        sliding_window_attention(q, k, v, 4, chunk=0)

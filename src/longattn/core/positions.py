@@ -81,24 +81,36 @@ class Rope:
     def from_model(cls, model: Any) -> "Rope":
         """Read the rotary embedding of a Llama-family model; unsupported RoPE variants raise ``ValueError``."""
         config = getattr(model, "config", None)
-        rotary = [m for m in model.modules() if hasattr(m, "inv_freq") and hasattr(m, "rope_type")]
+        rotary = [m for m in model.modules() if hasattr(m, "rope_type")
+                  and (hasattr(m, "inv_freq") or hasattr(m, "full_attention_inv_freq"))]
         if not rotary:
             raise ValueError(
                 f"{type(model).__name__} has no rotary embedding module (with inv_freq and rope_type); position "
-                "policies need a RoPE model (Llama, Mistral, Qwen2, Qwen3, SmolLM)"
+                "policies need a RoPE model (Llama, Mistral, Qwen2, Qwen3, SmolLM, Gemma 3)"
             )
         module = rotary[0]
-        if module.rope_type not in SUPPORTED_ROPE_TYPES:
+        rope_type, inv_freq = module.rope_type, getattr(module, "inv_freq", None)
+        if isinstance(rope_type, dict):
+            # RoPE per layer type (Gemma 3: local and global theta). Policies act where the method selects,
+            # on the full-attention layers; sliding layers run at real positions inside their window.
+            rope_type, inv_freq = rope_type.get("full_attention"), getattr(module, "full_attention_inv_freq", None)
+            if inv_freq is None:
+                raise ValueError(f"{type(model).__name__}'s RoPE has no full_attention entry; position policies "
+                                 "read the full-attention layers' RoPE")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(
-                f"RoPE type {module.rope_type!r} is not supported by position policies; supported: "
+                f"RoPE type {rope_type!r} is not supported by position policies; supported: "
                 f"{', '.join(SUPPORTED_ROPE_TYPES)}"
             )
-        partial = getattr(config, "partial_rotary_factor", 1.0)
-        if partial not in (None, 1.0):
-            raise ValueError(f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported")
+        params = getattr(config, "rope_parameters", None) or {}
+        partial = getattr(config, "partial_rotary_factor", None) or (
+            params.get("partial_rotary_factor") if isinstance(params, dict) else None) or 1.0
+        if partial != 1.0:
+            raise ValueError(f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported by "
+                             "position policies")
         window = getattr(config, "max_position_embeddings", None)
         check_int("max_position_embeddings", window, 1)
-        return cls(module.inv_freq.detach().float().clone(), int(window))
+        return cls(inv_freq.detach().float().clone(), int(window))
 
 
 @dataclass(frozen=True)

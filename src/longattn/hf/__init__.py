@@ -21,11 +21,17 @@ from longattn.methods.base import Method
 from longattn.ops.block_sparse import check_backend, resolve_backend
 
 ATTENTION_NAME = "longattn"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Architectures whose tiny random configs the tests prove equal to SDPA (tests/test_models.py); others that meet
+# check_model's mechanism run too.
+SUPPORTED_MODEL_TYPES = (
+    "llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite",
+    "starcoder2",
+)
+LAYER_TYPES = ("full_attention", "sliding_attention")
 _SESSION_ATTR = "_longattn_session"
 
 __all__ = [
-    "ATTENTION_NAME", "DEFAULT_GGUF", "INSTALL_DEFAULT", "SUPPORTED_MODEL_TYPES", "AttentionStats", "GrowingCache",
+    "ATTENTION_NAME", "DEFAULT_GGUF", "INSTALL_DEFAULT", "LAYER_TYPES", "SUPPORTED_MODEL_TYPES", "AttentionStats", "GrowingCache",
     "Observer",
     "Session", "apply", "check_model", "default_model_path", "load_model",
 ]
@@ -57,8 +63,9 @@ def _attention_forward(
         )
     if dropout and module.training:
         raise ValueError("longattn is inference-only: attention dropout must be 0 (call model.eval())")
-    if kwargs.get("sliding_window") is not None:
-        raise ValueError("sliding-window attention layers are not supported by longattn")
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"attention logit softcapping (softcap={kwargs['softcap']}) is not supported by longattn's "
+                         "operator; set config.attn_logit_softcapping = None to run without it (changes the outputs)")
     if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
         raise ValueError(
             f"longattn cannot honour an attention mask of shape {tuple(attention_mask.shape)} and dtype "
@@ -67,7 +74,8 @@ def _attention_forward(
     if query.shape[2] > key.shape[2]:
         raise ValueError(f"more queries ({query.shape[2]}) than keys ({key.shape[2]}): the cache is not causal")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return session.attend(module, query, key, value, attention_mask, scale), None
+    window = kwargs.get("sliding_window")
+    return session.attend(module, query, key, value, attention_mask, scale, window), None
 
 
 def _mask_function(
@@ -87,24 +95,28 @@ def _mask_function(
     """
     from transformers.masking_utils import causal_mask_function
 
-    if mask_function is not causal_mask_function:
+    # transformers builds a sliding-window layer's mask with local_size = the window (the attention call then
+    # carries sliding_window, which the session runs exactly); any other mask it composes is refused.
+    sliding = kwargs.get("local_size") is not None
+    if mask_function is not causal_mask_function and not sliding:
         raise ValueError(
-            "longattn supports plain causal attention with padding only; this model or input asked for another "
-            "mask (sliding window, packed sequences or a custom mask function)"
+            "longattn supports causal attention (full or sliding-window) with padding only; this model or input "
+            "asked for another mask (packed sequences, chunked or bidirectional attention, a custom mask function)"
         )
-    if kv_offset != 0 or int(q_offset) + q_length != kv_length:
+    if int(q_offset) + q_length != kv_offset + kv_length or (kv_offset != 0 and not sliding):
         raise ValueError(
-            "longattn needs the queries to be the newest keys of a growing cache (DynamicCache); got "
+            "longattn needs the queries to be the newest keys of a growing cache (DynamicCache, GrowingCache); got "
             f"q_offset={int(q_offset)}, q_length={q_length}, kv_length={kv_length}, kv_offset={kv_offset} "
-            "(static or sliding caches are not supported)"
+            "(static caches are not supported)"
         )
     if attention_mask is None:
         return None
-    if attention_mask.shape != (batch_size, kv_length):
+    if attention_mask.shape[0] != batch_size or attention_mask.shape[1] not in (kv_length, kv_offset + kv_length):
         raise ValueError(
             f"attention_mask must be [batch={batch_size}, length={kv_length}], got {tuple(attention_mask.shape)}"
         )
-    mask = attention_mask.to(torch.bool)
+    # A sliding cache keeps the newest keys only: their validity is the mask's tail.
+    mask = attention_mask[:, -kv_length:].to(torch.bool)
     return None if bool(mask.all()) else mask
 
 
@@ -113,23 +125,38 @@ def _attention_modules(model: Any) -> list[Any]:
 
 
 def check_model(model: Any) -> None:
-    """Raise a ValueError naming the reason if ``apply`` cannot run ``model`` correctly."""
+    """Raise a ValueError naming the unsupported property if ``apply`` cannot run ``model`` exactly.
+
+    Support is by mechanism, not by name: a decoder whose attention goes through transformers'
+    ``AttentionInterface``, each layer causal full attention or causal sliding-window attention, without
+    attention-logit softcapping. ``SUPPORTED_MODEL_TYPES`` lists the architectures the tests prove equal to SDPA.
+    """
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model type {model_type!r} is not supported; longattn supports {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    if config is None:
+        raise ValueError(f"{type(model).__name__} has no config: pass a transformers PreTrainedModel")
     can_set = getattr(model, "_can_set_attn_implementation", None)
     if can_set is None or not can_set():
         raise ValueError(f"{type(model).__name__} does not dispatch attention through AttentionInterface")
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
-        raise ValueError(f"model has non-full attention layers {sorted(set(layer_types))}; only full attention is supported")
-    if model_type == "mistral" and getattr(config, "sliding_window", None):
-        raise ValueError("Mistral with sliding_window set is not supported; set config.sliding_window = None")
-    if not _attention_modules(model):
-        raise ValueError(f"no attention modules with a layer_idx found in {type(model).__name__}")
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if getattr(text, "is_encoder_decoder", False):
+        raise ValueError("encoder-decoder models are not supported: longattn runs decoder-only (causal) models")
+    layer_types = list(getattr(text, "layer_types", None) or [])
+    unsupported = sorted(set(layer_types) - set(LAYER_TYPES))
+    if unsupported:
+        raise ValueError(f"layer types {unsupported} are not supported; longattn runs {', '.join(LAYER_TYPES)} layers")
+    softcap = getattr(text, "attn_logit_softcapping", None)
+    if softcap is not None:
+        raise ValueError(f"attention logit softcapping (config.attn_logit_softcapping={softcap}) is not supported by "
+                         "longattn's operator; set it to None to run without it (this changes the model's outputs)")
+    if getattr(text, "use_bidirectional_attention", False):
+        raise ValueError("bidirectional attention (config.use_bidirectional_attention) is not supported: longattn "
+                         "runs causal attention")
+    modules = _attention_modules(model)
+    if not modules:
+        raise ValueError(f"no attention modules found in {type(model).__name__}: longattn finds a decoder's attention "
+                         "as `self_attn` modules with a `layer_idx` (the Llama-family layout of transformers' models)")
+    if any(getattr(m, "is_causal", True) is False for m in modules):
+        raise ValueError(f"{type(model).__name__} has non-causal attention layers (is_causal=False)")
 
 
 class apply:  # noqa: N801 - used as a context manager, reads like a function: `with longattn.apply(...)`

@@ -20,6 +20,7 @@ from longattn.core.positions import Reposition, Rope
 from longattn.core.selection import Selection, causal_pairs
 from longattn.methods.base import Method, SelectionContext
 from longattn.ops.block_sparse import REPOSITION_BACKENDS, block_sparse_attention, resolve_backend
+from longattn.ops.dense import sliding_window_attention
 
 
 @dataclass
@@ -126,8 +127,18 @@ class Session:
             self._backends[device_type] = resolve_backend(self.backend, device_type, self.reposition is not None)
         return self._backends[device_type]
 
-    def attend(self, module: Any, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, scale: float) -> Tensor:
-        """One layer's attention. ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]`` -> ``[B, Tq, Hq, D]``."""
+    def attend(
+        self, module: Any, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, scale: float,
+        sliding_window: int | None = None,
+    ) -> Tensor:
+        """One layer's attention. ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]`` -> ``[B, Tq, Hq, D]``.
+
+        A sliding-window layer (``sliding_window``, as the model defines it) runs exactly as the model does,
+        at window cost (:func:`~longattn.ops.dense.sliding_window_attention`): the method selects on the
+        full-attention layers only, and only they are counted in the stats and seen by the observer.
+        """
+        if sliding_window is not None:
+            return sliding_window_attention(q, k, v, int(sliding_window), scale, key_mask).transpose(1, 2)
         b, hq, tq, _ = q.shape
         hkv, tk = k.shape[1], k.shape[2]
         layer = int(getattr(module, "layer_idx", 0))

@@ -16,7 +16,7 @@ from longattn.ops.block_sparse import (
     native_available,
     resolve_backend,
 )
-from longattn.ops.dense import dense_attention
+from longattn.ops.dense import dense_attention, sliding_window_attention, sliding_window_attention_naive
 from longattn.ops.merge import merge_attention
 from longattn.ops.triton_utils import triton_available
 
@@ -31,6 +31,8 @@ __all__ = [
     "block_sparse_attention_native",
     "check_backend",
     "dense_attention",
+    "sliding_window_attention",
+    "sliding_window_attention_naive",
     "merge_attention",
     "native_available",
     "resolve_backend",

@@ -38,3 +38,67 @@ def dense_attention(
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True)
     # SDPA leaves fully masked rows (padding queries) undefined; make them 0 like the sparse operator.
     return torch.where(allowed.any(-1, keepdim=True), out, torch.zeros_like(out))
+
+
+def _band(rows: Tensor, keys: Tensor, window: int) -> Tensor:
+    """``[R, K]`` bool: key position ``keys[j]`` is visible to query position ``rows[i]`` in a causal window of
+    ``window`` tokens (``0 <= rows[i] - keys[j] < window``, transformers' sliding-window mask)."""
+    dist = rows.view(-1, 1) - keys.view(1, -1)
+    return (dist >= 0) & (dist < window)
+
+
+def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float | None) -> Tensor:
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True)
+    return torch.where(allowed.any(-1, keepdim=True), out, torch.zeros_like(out))
+
+
+def sliding_window_attention_naive(
+    q: Tensor, k: Tensor, v: Tensor, window: int, scale: float | None = None, key_mask: Tensor | None = None,
+    q_offset: int | None = None,
+) -> Tensor:
+    """The definition of :func:`sliding_window_attention`: one ``[B, 1, Tq, Tk]`` banded mask over every key
+    (tests only: its memory is ``Tq x Tk``)."""
+    tq, tk = q.shape[2], k.shape[2]
+    offset = tk - tq if q_offset is None else q_offset
+    allowed = _band(offset + torch.arange(tq, device=q.device), torch.arange(tk, device=q.device), window)
+    allowed = allowed.view(1, 1, tq, tk)
+    if key_mask is not None:
+        allowed = allowed & key_mask.view(-1, 1, 1, tk)
+    return _masked_sdpa(q, k, v, allowed, scale)
+
+
+def sliding_window_attention(
+    q: Tensor, k: Tensor, v: Tensor, window: int, scale: float | None = None, key_mask: Tensor | None = None,
+    q_offset: int | None = None, chunk: int = 512,
+) -> Tensor:
+    """Causal sliding-window attention (each query sees the ``window`` newest keys up to itself), at window
+    cost: query chunks of ``chunk`` rows attend through SDPA to the ``window + chunk`` keys they can see,
+    so time and memory grow with ``Tq * window``, not ``Tq * Tk``.
+
+    Args:
+        q: ``[B, Hq, Tq, D]``; k, v: ``[B, Hkv, Tk, D]`` with ``Hq = G * Hkv``.
+        window: keys per query, the model's ``sliding_window`` (``>= 1``).
+        key_mask: ``[B, Tk]`` bool, False on padding keys.
+        q_offset: position of query row 0 among the keys; default ``Tk - Tq``.
+
+    Returns:
+        ``[B, Hq, Tq, D]``; rows with no visible key are 0 (as :func:`dense_attention`).
+    """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+    tq, tk = q.shape[2], k.shape[2]
+    offset = tk - tq if q_offset is None else q_offset
+    if offset + tq <= window:  # every query sees every earlier key: plain causal attention
+        return dense_attention(q, k, v, scale, key_mask, offset)
+    outs = []
+    for first in range(0, tq, chunk):
+        last = min(tq, first + chunk)
+        lo, hi = max(0, offset + first - window + 1), min(tk, offset + last)
+        rows = offset + torch.arange(first, last, device=q.device)
+        allowed = _band(rows, torch.arange(lo, hi, device=q.device), window).view(1, 1, last - first, hi - lo)
+        if key_mask is not None:
+            allowed = allowed & key_mask[:, lo:hi].view(-1, 1, 1, hi - lo)
+        outs.append(_masked_sdpa(q[:, :, first:last], k[:, :, lo:hi], v[:, :, lo:hi], allowed, scale))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -1,0 +1,126 @@
+"""Every supported architecture, as a tiny random config of transformers' own class: at full budget longattn
+equals SDPA (prefill, 5 decode steps, a left-padded batch, on transformers' cache and on GrowingCache); a small
+budget differs; sliding-window layers run exactly as the model defines them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+import longattn
+from longattn.hf import SUPPORTED_MODEL_TYPES, check_model
+
+BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+HYBRID = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+CONFIGS = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "mistral-sliding": {"model_type": "mistral", "sliding_window": 24},
+    "qwen2": {},
+    "qwen3": {},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 32},
+    "gemma": {},
+    "gemma2": {"attn_logit_softcapping": None, "sliding_window": 24, "query_pre_attn_scalar": 20,
+               "num_hidden_layers": 4, "layer_types": HYBRID},
+    "gemma3_text": {"sliding_window": 24, "query_pre_attn_scalar": 20, "num_hidden_layers": 4, "layer_types": HYBRID,
+                    "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 100000.0},
+                                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    "phi3": {"sliding_window": None},
+    "olmo2": {},
+    "granite": {"attention_multiplier": 0.2, "residual_multiplier": 0.5, "embedding_multiplier": 2.0},
+    "starcoder2": {"sliding_window": None, "hidden_act": "gelu_pytorch_tanh"},
+}
+
+
+def make(name: str, seed: int = 0):
+    kw = {**BASE, "num_hidden_layers": 2, **CONFIGS[name]}
+    model_type = kw.pop("model_type", name)
+    config = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(seed)
+    # The reference is the model's own attention: SDPA, or eager where transformers has no SDPA path (Gemma 2).
+    impl = "eager" if model_type == "gemma2" else "sdpa"
+    return AutoModelForCausalLM.from_config(config, attn_implementation=impl).eval()
+
+
+def run(model, ids, mask, cache, steps=5):
+    """Prefill, then ``steps`` greedy steps: ``[steps + 1, B, V]`` last-position logits."""
+    logits = []
+    with torch.inference_mode():
+        out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        for _ in range(steps):
+            logits.append(out.logits[:, -1])
+            token = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            out = model(token, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits)
+
+
+def inputs(padded: bool):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 256, (2, 60), generator=g)
+    mask = torch.ones(2, 60, dtype=torch.long)
+    if padded:
+        mask[1, :11] = 0
+        ids[1, :11] = 0
+    return ids, mask
+
+
+def test_every_listed_architecture_is_tested():
+    assert set(SUPPORTED_MODEL_TYPES) <= {CONFIGS[n].get("model_type", n) for n in CONFIGS}
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "growing"])
+@pytest.mark.parametrize("padded", [False, True], ids=["batch", "left-padded"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_full_budget_equals_sdpa(name, padded, cache):
+    model = make(name)
+    check_model(model)
+    ids, mask = inputs(padded)
+
+    def new_cache():
+        return DynamicCache(config=model.config) if cache == "dynamic" else longattn.GrowingCache()
+
+    ref = run(model, ids, mask, new_cache())
+    full = longattn.get_method("moba", block_size=8, top_k=64, window=8, sink_tokens=0)
+    with longattn.apply(model, full) as session:
+        got = run(model, ids, mask, new_cache())
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    full_layers = sum(t == "full_attention" for t in getattr(model.config, "layer_types", None) or ["full_attention"] * 2)
+    if name == "mistral-sliding":
+        full_layers = 0  # mistral marks its layers sliding through sliding_window alone
+    assert session.prefill_stats.calls == full_layers  # the method ran on the full-attention layers only
+    small = longattn.get_method("moba", block_size=8, top_k=1, window=8, sink_tokens=4)
+    with longattn.apply(model, small) as session:
+        sparse = run(model, ids, mask, new_cache())
+    if name != "mistral-sliding":  # every layer is sliding there: nothing for the method to select
+        assert (sparse - ref).abs().max() > 1e-3, "a small budget must differ from dense"
+        assert session.prefill_stats.density < 0.9
+
+
+def test_sliding_layers_run_at_their_window():
+    # The hybrid model's sliding layers see 24 keys; widened to the whole prompt, their outputs change. The
+    # method's session runs them exactly (test above); here: they are not run as full attention.
+    model = make("gemma3_text")
+    ids, mask = inputs(False)
+    ref = run(model, ids, mask, longattn.GrowingCache(), steps=0)
+    model.config.sliding_window = 4096
+    for layer in model.model.layers:
+        layer.self_attn.sliding_window = 4096 if layer.self_attn.sliding_window else None
+    wide = run(model, ids, mask, longattn.GrowingCache(), steps=0)
+    assert (wide - ref).abs().max() > 1e-3
+
+
+def test_refused_properties_are_named():
+    kw = {k: v for k, v in CONFIGS["gemma2"].items() if k != "attn_logit_softcapping"}
+    config = AutoConfig.for_model("gemma2", **{**BASE, **kw, "attn_logit_softcapping": 50.0})
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with pytest.raises(ValueError, match="softcapping.*attn_logit_softcapping=50.0"):
+        longattn.apply(model, longattn.get_method("moba"))
+    model = make("llama")
+    model.config.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(ValueError, match=r"layer types \['chunked_attention'\] are not supported"):
+        longattn.apply(model, longattn.get_method("moba"))
