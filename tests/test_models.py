@@ -124,3 +124,29 @@ def test_refused_properties_are_named():
     model.config.layer_types = ["full_attention", "chunked_attention"]
     with pytest.raises(ValueError, match=r"layer types \['chunked_attention'\] are not supported"):
         longattn.apply(model, longattn.get_method("moba"))
+
+
+def test_heads_are_profiled_and_duo_selects_on_the_full_attention_layers_only(default_model):
+    from longattn.bench.profiling import profile_heads
+
+    _, tok = default_model
+    kw = {**BASE, **CONFIGS["gemma3_text"], "vocab_size": len(tok), "pad_token_id": tok.eos_token_id}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma3_text", **kw), attn_implementation="sdpa")
+    model = model.eval()
+    profile = profile_heads(model, tok, lengths=(200,), depths=(0.5,), seeds=(0,), max_new_tokens=3,
+                            sampled_queries=8, window=16)
+    full = [i for i, t in enumerate(HYBRID) if t == "full_attention"]
+    assert profile.settings["profiled_layers"] == full
+    for layer in set(range(4)) - set(full):  # sliding layers: never retrieval, streaming by construction
+        assert profile.retrieval[layer] == [0.0] * 4 and profile.streaming[layer] == [1.0] * 4
+    chosen = profile.retrieval_heads("kv_head", share=0.5)
+    assert set(chosen) <= set(full) and sum(map(len, chosen.values())) == 2  # half of the 2 x 2 full KV heads
+    duo = longattn.get_method("duo", profile=profile, retrieval_share=0.5, sink_tokens=4, window=16, block_size=8)
+    ids, mask = inputs(True)
+    ids = ids % len(tok)
+    ref = run(model, ids, mask, longattn.GrowingCache(), steps=2)
+    with longattn.apply(model, duo) as session:
+        got = run(model, ids, mask, longattn.GrowingCache(), steps=2)
+    assert session.prefill_stats.calls == len(full) and session.prefill_stats.density < 1.0
+    assert torch.isfinite(got).all() and (got - ref).abs().max() > 1e-4  # streaming heads drop far keys

@@ -123,7 +123,9 @@ def profile_heads(
         correct += int(niah_single.score(example, tokenizer.decode(generated, skip_special_tokens=True)))
         prompt_ids = ids[0].tolist()
         hits += prompt_hits
-        for layer in range(layers):
+        # Only layers that run full attention are observed: a sliding-window layer keeps its window, so the
+        # method never selects there and there is nothing to profile.
+        for layer in sorted(recorder.streaming):
             streaming[layer] += recorder.streaming[layer]
             ratio = recorder.ratios[layer]  # [Hq, Tk]
             is_sink = ratio >= sink_factor
@@ -144,6 +146,9 @@ def profile_heads(
         if task is not None:
             progress.advance(task)
     n = len(prompts)
+    profiled = sorted(recorder.streaming)
+    for layer in set(range(layers)) - set(profiled):
+        streaming[layer] = n  # a sliding-window layer attends its window only: streaming by construction
     sinks = []
     for (layer, head), counts in sorted(sink_text.items()):
         tokens = [{"text": text, "count": count, "ratio": round(sink_info[(layer, head, text)][0], 2),
@@ -154,7 +159,7 @@ def profile_heads(
         "seeds": list(seeds), "prompts": n, "sink_tokens": sink_tokens, "window": window,
         "sampled_queries": sampled_queries, "sink_factor": sink_factor, "max_new_tokens": max_new_tokens,
         "retrieval_threshold": retrieval_threshold, "streaming_threshold": streaming_threshold,
-        "accuracy": correct / n,
+        "accuracy": correct / n, "profiled_layers": profiled,
     }
 
     def grid(t: Tensor) -> list[list[float]]:

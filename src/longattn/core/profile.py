@@ -173,6 +173,13 @@ class HeadProfile:
         if granularity not in ("kv_head", "query_head"):
             raise ValueError(f"granularity must be 'kv_head' or 'query_head', got {granularity!r}")
         scores = self.kv_head_scores() if granularity == "kv_head" else self.scores()  # [L, heads]
+        # A hybrid model's sliding-window layers are not profiled (settings["profiled_layers"] lists the
+        # full-attention ones): never chosen, and a share counts the profiled layers' heads only.
+        profiled = self.settings.get("profiled_layers")
+        eligible = torch.ones_like(scores, dtype=torch.bool)
+        if isinstance(profiled, list) and profiled:
+            eligible = torch.zeros_like(eligible)
+            eligible[[int(i) for i in profiled if 0 <= int(i) < scores.shape[0]]] = True
         if (threshold is None) == (share is None):
             raise ValueError("with a profile, set exactly one of threshold (a retrieval score in [0, 1]) or "
                              "retrieval_share (a share of heads in (0, 1])")
@@ -182,18 +189,19 @@ class HeadProfile:
         if threshold is not None:
             if not 0.0 <= threshold <= 1.0:
                 raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
-            chosen = scores >= threshold
+            chosen = (scores >= threshold) & eligible
         else:
             if not 0.0 < share <= 1.0:  # type: ignore[operator]
                 raise ValueError(f"retrieval_share must lie in (0, 1], got {share}")
-            count = math.ceil(share * scores.numel())  # type: ignore[operator]
+            count = math.ceil(share * int(eligible.sum()))  # type: ignore[operator]
             # Most heads never copy (score 0): among equal retrieval scores, prefer the heads that attend
             # farthest (lowest streaming score: least mass on sinks + window), then by position.
             streaming = self.scores("streaming")
             if granularity == "kv_head":
                 streaming = streaming.view(self.num_layers, self.num_kv_heads, -1).amin(-1)
+            ranked = scores.masked_fill(~eligible, -math.inf).flatten()
             by_reach = torch.argsort(streaming.flatten(), stable=True)
-            order = by_reach[torch.argsort(scores.flatten()[by_reach], descending=True, stable=True)][:count]
+            order = by_reach[torch.argsort(ranked[by_reach], descending=True, stable=True)][:count]
             chosen = torch.zeros(scores.numel(), dtype=torch.bool)
             chosen[order] = True
             chosen = chosen.view_as(scores)
