@@ -9,7 +9,7 @@ sparse methods at their defaults (they select on the 3 global layers only). Spee
 prompt (repeated filler), the whole prefill (``logits_to_keep=1``) and 16 greedy decode steps on
 ``GrowingCache``. Accuracy cells: ``--prompts`` natural-text needle prompts (depths spread, seeds varied),
 greedy answers scored by the task. Every cell runs in its own subprocess and appends one JSON line to
-``--out``; a rerun skips the cells already there.
+``--out``; a rerun skips the cells already there (an accuracy cell with another ``--prompts`` is a new cell).
 """
 
 from __future__ import annotations
@@ -107,13 +107,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     rows = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.exists() else []
-    done = {(r["kind"], r["method"], r["requested"]) for r in rows}
+    done = {(r["kind"], r["method"], r["requested"], r.get("prompts", 0)) for r in rows}
     cells = [("speed", m, n, 0) for n in parse_lengths(args.lengths) for m in args.methods.split(",")]
     cells += [("accuracy", m, n, args.prompts) for n in parse_lengths(args.accuracy_lengths)
               for m in args.methods.split(",")]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for kind, name, length, prompts in cells:
-        if (kind, name, length) in done:
+        if (kind, name, length, prompts) in done:
             continue
         print(f"# {kind} {name} @ {length}", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, __file__, "--cell", kind, name, str(length), str(prompts)],

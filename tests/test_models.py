@@ -150,3 +150,19 @@ def test_heads_are_profiled_and_duo_selects_on_the_full_attention_layers_only(de
         got = run(model, ids, mask, longattn.GrowingCache(), steps=2)
     assert session.prefill_stats.calls == len(full) and session.prefill_stats.density < 1.0
     assert torch.isfinite(got).all() and (got - ref).abs().max() > 1e-4  # streaming heads drop far keys
+
+
+def test_position_policies_read_the_full_attention_rope_and_refuse_partial_rotary():
+    from longattn.core.positions import Rope
+
+    model = make("gemma3_text")
+    rope = Rope.from_model(model)
+    torch.testing.assert_close(rope.inv_freq, model.model.rotary_emb.full_attention_inv_freq.float())
+    assert not torch.allclose(rope.inv_freq, model.model.rotary_emb.sliding_attention_inv_freq.float())
+    with longattn.apply(model, longattn.get_method("moba", positions="self_extend", block_size=8, window=16)):
+        ids, mask = inputs(False)
+        assert torch.isfinite(run(model, ids, mask, longattn.GrowingCache(), steps=1)).all()
+    kw = {**BASE, "num_hidden_layers": 2, "partial_rotary_factor": 0.5}
+    partial = AutoModelForCausalLM.from_config(AutoConfig.for_model("phi3", **kw), attn_implementation="sdpa")
+    with pytest.raises(ValueError, match="partial rotary.*0.5"):
+        Rope.from_model(partial)
