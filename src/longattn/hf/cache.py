@@ -10,8 +10,10 @@ small on purpose: a buffer carved from memory the allocator reuses is resident w
 quarter of headroom measured +420 MiB of peak RSS for dense at 32k tokens). The native operator reads these
 views in place.
 
-It is a ``DynamicCache`` (same layer API, same results); pass it as ``past_key_values``. Full-attention layers
-only: a model with sliding-window layers keeps transformers' own cache for them.
+It is a ``DynamicCache`` (same layer API, same results); pass it as ``past_key_values``. Every layer keeps its
+whole history, sliding-window layers included (still exact: the session applies each layer's window); for a
+hybrid model ``DynamicCache(config=model.config)`` keeps only the window of those layers, which saves their
+memory but copies them per token.
 """
 
 from __future__ import annotations
