@@ -15,6 +15,7 @@ greedy answers scored by the task. Every cell runs in its own subprocess and app
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -30,6 +31,13 @@ def _method(name: str):
     return None if name == "sdpa" else longattn.get_method(name)
 
 
+def _applied(model, method):
+    """``longattn.apply(model, method)``, or nothing for transformers' own attention (``sdpa``)."""
+    import longattn
+
+    return contextlib.nullcontext() if method is None else longattn.apply(model, method)
+
+
 def speed_cell(name: str, length: int) -> dict:
     import torch
 
@@ -41,25 +49,19 @@ def speed_cell(name: str, length: int) -> dict:
     ids = tok(niah_single.make(tok, length, 0.5, 0, haystack="repeat").prompt, return_tensors="pt").input_ids
     method = _method(name)
     density = None
-    with torch.inference_mode():
-        ctx = longattn.apply(model, method) if method is not None else None
-        session = ctx.__enter__() if ctx is not None else None
-        try:
-            cache = longattn.GrowingCache()
-            start = time.perf_counter()
-            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            prefill = time.perf_counter() - start
+    with torch.inference_mode(), _applied(model, method) as session:
+        cache = longattn.GrowingCache()
+        start = time.perf_counter()
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        prefill = time.perf_counter() - start
+        token = out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(16):
+            out = model(token, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
-            start = time.perf_counter()
-            for _ in range(16):
-                out = model(token, past_key_values=cache, use_cache=True)
-                token = out.logits[:, -1:].argmax(-1)
-            decode = (time.perf_counter() - start) / 16
-            if session is not None:
-                density = session.prefill_stats.density
-        finally:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
+        decode = (time.perf_counter() - start) / 16
+        if session is not None:
+            density = session.prefill_stats.density
     return {"kind": "speed", "method": name, "requested": length, "length": int(ids.shape[1]),
             "prefill_s": prefill, "decode_ms": decode * 1000, "density": density, "cpu": hardware()["name"],
             "threads": torch.get_num_threads(), "torch": torch.__version__}
@@ -78,11 +80,8 @@ def accuracy_cell(name: str, length: int, prompts: int) -> dict:
     for i in range(prompts):
         example = niah_single.make(tok, length, (i + 0.5) / prompts, 100 + i, haystack="natural")
         ids = tok(example.prompt, return_tensors="pt").input_ids
-        if method is None:
+        with _applied(model, method):
             result = greedy_generate(model, ids, 12, eos_token_id=tok.eos_token_id)
-        else:
-            with longattn.apply(model, method):
-                result = greedy_generate(model, ids, 12, eos_token_id=tok.eos_token_id)
         text = tok.decode(result.tokens, skip_special_tokens=True)
         ok = bool(niah_single.score(example, text))
         correct += ok

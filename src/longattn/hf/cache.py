@@ -57,24 +57,19 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
     def _adopt(self) -> None:
-        """Take ``keys`` / ``values`` as set from outside (or empty) as the content to grow from."""
+        """Take ``keys`` / ``values`` as set from outside (or empty) as the content the next buffer starts from."""
         self._buffers = None
         keys, values = getattr(self, "keys", None), getattr(self, "values", None)
-        if keys is None or keys.dim() != 4 or keys.shape[-2] == 0:
-            self._views = None
-            return
-        self._buffers = (keys, values)
-        self._views = (keys, values)
+        empty = keys is None or keys.dim() != 4 or keys.shape[-2] == 0
+        self._views = None if empty else (keys, values)
 
     def _grow(self, key_states: Tensor, value_states: Tensor, have: int, need: int) -> tuple[Tensor, Tensor]:
         capacity = need + max(_MIN_HEADROOM, need // _HEADROOM_SHARE)
         b, h, _, d = key_states.shape
         kbuf = torch.empty(b, h, capacity, d, dtype=key_states.dtype, device=key_states.device)
         vbuf = torch.empty(b, h, capacity, value_states.shape[-1], dtype=value_states.dtype, device=value_states.device)
-        if have:
-            old_k, old_v = self._views if self._views is not None else (self.keys, self.values)
-            kbuf[:, :, :have] = old_k
-            vbuf[:, :, :have] = old_v
+        if self._views is not None:  # have > 0
+            kbuf[:, :, :have], vbuf[:, :, :have] = self._views
         self._buffers = (kbuf, vbuf)
         return kbuf, vbuf
 

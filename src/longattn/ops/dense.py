@@ -11,6 +11,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float | None) -> Tensor:
+    """SDPA under a bool mask ``allowed`` (broadcast to ``[B, Hq, Tq, Tk]``); rows with no allowed key are 0:
+    SDPA leaves fully masked rows (padding queries) undefined, the sparse operator makes them 0."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True)
+    return torch.where(allowed.any(-1, keepdim=True), out, torch.zeros_like(out))
+
+
 def dense_attention(
     q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, key_mask: Tensor | None = None,
     q_offset: int | None = None,
@@ -35,9 +42,7 @@ def dense_attention(
     allowed = allowed.view(1, 1, tq, tk)
     if key_mask is not None:
         allowed = allowed & key_mask.view(-1, 1, 1, tk)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True)
-    # SDPA leaves fully masked rows (padding queries) undefined; make them 0 like the sparse operator.
-    return torch.where(allowed.any(-1, keepdim=True), out, torch.zeros_like(out))
+    return _masked_sdpa(q, k, v, allowed, scale)
 
 
 def _band(rows: Tensor, keys: Tensor, window: int) -> Tensor:
@@ -45,11 +50,6 @@ def _band(rows: Tensor, keys: Tensor, window: int) -> Tensor:
     ``window`` tokens (``0 <= rows[i] - keys[j] < window``, transformers' sliding-window mask)."""
     dist = rows.view(-1, 1) - keys.view(1, -1)
     return (dist >= 0) & (dist < window)
-
-
-def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float | None) -> Tensor:
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True)
-    return torch.where(allowed.any(-1, keepdim=True), out, torch.zeros_like(out))
 
 
 def sliding_window_attention_naive(

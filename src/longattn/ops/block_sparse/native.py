@@ -108,10 +108,10 @@ def block_sparse_attention_native(
     work = torch.bfloat16 if bf16 else torch.float32
     if d > 256:
         raise ValueError(f"backend='native' takes head dimensions up to 256, got D={d}; use 'gather'")
-    # No-ops for inputs of the working dtype laid out as the kernel reads them (the usual case): q contiguous;
-    # k and v rows contiguous within a head, heads at one stride, which a cache with room to grow (a view of
-    # the first Tk rows of a longer buffer, longattn.hf.cache) is: read in place, never copied per step.
-    # q at its strides (the model's projection, transposed, is not copied); only d must be contiguous.
+    # No copies for inputs of the working dtype laid out as the kernel reads them (the usual case): q at its
+    # strides with d contiguous (the model's transposed projection); k and v rows contiguous within a head,
+    # heads at one stride, which a cache with room to grow (a view of the first Tk rows of a longer buffer,
+    # longattn.hf.cache) is: read in place, never copied per step.
     qc = q.to(work)
     if qc.stride(3) != 1:
         qc = qc.contiguous()
@@ -125,15 +125,14 @@ def block_sparse_attention_native(
     # Written [B, Tq, Hq, D] and returned as its [B, Hq, Tq, D] view: the layout the model reshapes the
     # attention output from, so its transpose back is free instead of a copy per layer.
     out = torch.empty(b, tq, hq, d, dtype=torch.float32).transpose(1, 2)
-    q_strides = torch.tensor(qc.stride()[:3], dtype=torch.int64)
-    out_strides = torch.tensor(out.stride()[:3], dtype=torch.int64)
+    q_strides, out_strides = ((ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (qc, out))
     lse = torch.empty(b, hq, tq, dtype=torch.float32)
     code = lib.longattn_block_sparse(
         qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), idx.data_ptr(), cnt.data_ptr(),
         None if mask is None else mask.data_ptr(), out.data_ptr(), lse.data_ptr(),
         b, hq, hkv, selection.num_heads, tq, tk, tcap, d, idx.shape[-1], selection.num_q_blocks,
-        selection.kv_block_size, selection.query_block_size, offset, q_strides.data_ptr(),
-        out_strides.data_ptr(), int(causal), scale, int(bf16),
+        selection.kv_block_size, selection.query_block_size, offset, q_strides, out_strides,
+        int(causal), scale, int(bf16),
         int(os.environ.get("LONGATTN_NATIVE_AMX", "1") != "0"), torch.get_num_threads(),
     )
     if code != 0:

@@ -75,7 +75,7 @@ def block_topk_native(
     qc = q if q.dtype in (torch.float32, torch.bfloat16) else q.float()
     if qc.stride(3) != 1:  # read at its strides otherwise: the model's transposed projection is not copied
         qc = qc.contiguous()
-    q_strides = torch.tensor(qc.stride()[:3], dtype=torch.int64)
+    q_strides = (ctypes.c_int64 * 3)(*qc.stride()[:3])
     s = summaries.float().contiguous()
     npad = -(-nkb // 32) * 32
     mt = None
@@ -92,7 +92,7 @@ def block_topk_native(
     code = lib.longattn_block_topk(
         qc.data_ptr(), None if mt is None else mt.data_ptr(), s.data_ptr(), lim.data_ptr(), lo.data_ptr(),
         hi.data_ptr(), None if keys is None else keys.data_ptr(), out.data_ptr(),
-        b, hq, hkv, tq, d, nkb, npad, s.shape[3], query_block_size, nqb, top_k, q_strides.data_ptr(),
+        b, hq, hkv, tq, d, nkb, npad, s.shape[3], query_block_size, nqb, top_k, q_strides,
         int(kind == "minmax"), int(qc.dtype == torch.bfloat16), torch.get_num_threads(),
     )
     if code != 0:
