@@ -39,6 +39,10 @@ class SelectionContext:
             keys under its own name (``dense``'s Selection); None: no cache.
         pattern: the pattern of exactly these queries, set by :meth:`Method.select` for each chunk it hands to
             :meth:`Method.block_mask`.
+        scale: the layer's softmax scale (from the model); None: ``D ** -0.5`` (see :meth:`softmax_scale`).
+        block_means: ``(k_means, v_means [B, Hkv, Nblk, D] float32, counts [B, Nblk] int64)``, the mean key and
+            value of every key block, kept incrementally by the session for methods whose ``uses_block_means``
+            is True and batches without padding; None otherwise (the method computes them itself).
     """
 
     kv_len: int
@@ -52,3 +56,9 @@ class SelectionContext:
     backend: str = "gather"
     step_cache: dict[tuple, Any] | None = None
     pattern: StepPattern | None = None
+    scale: float | None = None
+    block_means: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def softmax_scale(self, head_dim: int) -> float:
+        """The scale scores are multiplied by before the softmax: the model's, else ``head_dim ** -0.5``."""
+        return float(self.scale) if self.scale is not None else head_dim ** -0.5

@@ -91,11 +91,16 @@ class Session:
     _step_cache: dict = field(default_factory=dict, init=False, repr=False)
     _step: tuple[int, int, int] = field(default=(-1, -1, -1), init=False, repr=False)
     _backends: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    _means: tuple[BlockIndex, BlockIndex] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         summariser = self.method.summariser()
         if summariser is not None:
             self.index = BlockIndex(self.method.block_size, summariser)
+        if getattr(self.method, "uses_block_means", False):
+            # Kept like the block summaries, a block at a time: recomputing them would read all of K and V
+            # at every decode step, which is what dense decode costs.
+            self._means = (BlockIndex(self.method.block_size, "mean"), BlockIndex(self.method.block_size, "mean"))
         policy = self.method.position_policy()
         if policy.changes_positions:
             if self.rope is None:
@@ -145,7 +150,8 @@ class Session:
         backend = self._begin(layer, tq, tk, q.device.type)
         ctx = SelectionContext(
             kv_len=tk, q_offset=tk - tq, layer=layer, num_kv_heads=hkv, key_mask=key_mask, device=q.device, keys=k,
-            reposition=self.reposition, backend=backend, step_cache=self._step_cache,
+            reposition=self.reposition, backend=backend, step_cache=self._step_cache, scale=scale,
+            block_means=self._block_means(k, v, key_mask, layer, tq),
         )
         summaries = None
         if self.index is not None:
@@ -163,6 +169,20 @@ class Session:
         if self.observer is not None:
             self.observer(layer, q, k, selection, scale, key_mask)
         return out.transpose(1, 2)  # HF reshapes [B, Tq, Hq, D] itself
+
+    def _block_means(self, k: Tensor, v: Tensor, key_mask: Tensor | None, layer: int,
+                     tq: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Mean key and value of every key block ``[B, Hkv, Nblk, D]`` and the valid keys per block ``[B, Nblk]``
+        (for methods with ``uses_block_means``); None with padding, where the method masks them itself."""
+        if self._means is None or key_mask is not None:
+            return None
+        b, _, tk, _ = k.shape
+        bs = self.method.block_size
+        k_means = self._means[0].update(k, layer, new_tokens=tq)[:, :, :, 0]
+        v_means = self._means[1].update(v, layer, new_tokens=tq)[:, :, :, 0]
+        counts = torch.full((b, k_means.shape[2]), bs, dtype=torch.long, device=k.device)
+        counts[:, -1] = tk - (k_means.shape[2] - 1) * bs
+        return k_means, v_means, counts
 
     def _selecting_queries(self, q: Tensor, key_mask: Tensor | None, tk: int) -> Tensor:
         """``q [B, Hq, Tq, D]`` with every pad row's query replaced by a real row's (:func:`real_query_rows`,

@@ -4,6 +4,11 @@ A subclass defines only its idea, :meth:`TopKMethod.score` (or :meth:`TopKMethod
 is not per query token); pooling over a query block, eligibility and the top-k are shared here. Where the
 score is one the fused Triton kernel computes, the class says so with ``fused_score`` and, on backend
 "triton", selection runs fused (:func:`longattn.ops.block_topk.block_topk`).
+
+Three quality mechanisms are options of every scored method (off by default, like ``positions``):
+``top_p`` (an adaptive budget: the fewest blocks whose estimated mass reaches p), ``exact_last`` (the step's
+last query block selects by its exact attention mass) and ``compensate`` (every block left out enters once as
+its summary token, :mod:`longattn.ops.summary_attention`).
 """
 
 from __future__ import annotations
@@ -11,12 +16,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import math
+
 import torch
 from torch import Tensor
 
 from longattn.core.checks import check_int
 from longattn.core.selection import Selection
 from longattn.methods.base import Method, SelectionContext
+from longattn.ops.merge import merge_attention
+from longattn.ops.sampled import block_sums, sampled_attention
+from longattn.ops.summary_attention import block_means, summary_attention
 
 
 @dataclass
@@ -27,6 +37,20 @@ class TopKMethod(Method):
     """Key blocks retrieved per query block beyond the sinks and the window."""
     share_kv_heads: bool = False
     """One selection per KV head (max score over its query heads): cheaper, coarser."""
+    top_p: float | None = None
+    """Adaptive budget (Twilight's top-p, FlexPrefill's gamma): per head and query block, the fewest retrievable
+    blocks, best first, whose estimated share of the softmax mass reaches ``top_p`` with the sinks and the
+    window counted first; ``top_k`` caps it. The estimate reads the scores as logits (``score * scale +
+    log(block_size)``). None: always ``top_k``. The budget used shows in the session's density."""
+    exact_last: bool = False
+    """The step's last query block (in prefill, the one that writes the first answer token) picks its blocks by
+    the exact attention mass its queries put on them (a dense pass of those ``query_block_size`` rows, ``O(qbs
+    x Tk)``), not by the scoring rule. Decode steps select by the rule."""
+    compensate: bool = False
+    """Every key block the selection leaves out still enters each query's softmax once, as one token with the
+    block's mean key (plus ``log(count)``) and mean value, merged by log-sum-exp: ``O(Tk / block_size)`` more
+    work per query (:func:`longattn.ops.summary_attention.summary_attention`). Reads keys at their real
+    positions, so it does not combine with a ``positions`` policy."""
 
     fused_score: ClassVar[str | None] = None
     """The :mod:`longattn.ops.block_topk` kind ("mean", "minmax") that :meth:`score` computes, letting the
@@ -39,6 +63,22 @@ class TopKMethod(Method):
         check_int("top_k", self.top_k, 0)
         if not isinstance(self.share_kv_heads, bool):
             raise ValueError(f"share_kv_heads must be a bool, got {self.share_kv_heads!r}")
+        for name in ("exact_last", "compensate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
+                                       or not 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be None or a number in (0, 1], got {self.top_p!r}")
+
+    @property
+    def adjusts_output(self) -> bool:  # type: ignore[override]
+        """True with ``compensate``: the summary tokens are merged into the operator's output."""
+        return self.compensate
+
+    @property
+    def uses_block_means(self) -> bool:
+        """The session keeps every block's mean key and value for this method (``compensate``)."""
+        return self.compensate
 
     def query_block_size_for(self, q_len: int) -> int:
         if q_len == 1:
@@ -47,8 +87,60 @@ class TopKMethod(Method):
 
     def select(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext) -> Selection:
         if self.uses_fused_topk(ctx):
-            return self.fused_select(q, self.checked_summaries(summaries, q.shape[0], ctx), ctx)
-        return super().select(q, summaries, ctx)
+            selection = self.fused_select(q, self.checked_summaries(summaries, q.shape[0], ctx), ctx)
+        else:
+            selection = super().select(q, summaries, ctx)
+        if self.exact_last and q.shape[2] > 1:
+            selection = self.exact_last_block(q, selection, ctx)
+        return selection
+
+    def exact_last_block(self, q: Tensor, selection: Selection, ctx: SelectionContext) -> Selection:
+        """``selection`` with its last query block re-picked by exact attention mass (see ``exact_last``).
+
+        The block's rows attend every key densely (:func:`~longattn.ops.sampled.sampled_attention`); a key
+        block's mass is the most any of the rows puts on it, the same max-pooling a shared selection uses.
+        ``q [B, Hq, Tq, D]`` -> Selection ``[B, H, Qblk, S]``.
+        """
+        b, hq, tq, d = q.shape
+        qbs, nqb = selection.query_block_size, selection.num_q_blocks
+        keys = self.raw_keys(ctx)
+        rows = torch.arange((nqb - 1) * qbs, tq, device=q.device)
+        probs = sampled_attention(q, keys, ctx.softmax_scale(d), rows, ctx.key_mask)  # [B, Hq, n, Tk]
+        mass = block_sums(probs, self.block_size).amax(dim=2, keepdim=True)  # [B, Hq, 1, Nblk]
+        if selection.num_heads != hq:  # share_kv_heads: the KV head keeps what any of its query heads needs
+            mass = mass.view(b, selection.num_heads, -1, 1, mass.shape[-1]).amax(dim=2)
+        pattern = self.pattern(tq, ctx, qbs).rows(nqb - 1, nqb)
+        static = pattern.static_mask()
+        eligible = pattern.eligible_mask(static)
+        if self.top_p is None:
+            picked = top_blocks(mass, eligible, self.top_k)
+        else:
+            picked = top_p_blocks(mass.clamp_min(1e-30).log(), static, eligible, float(self.top_p), self.top_k)
+        last = Selection.from_mask((static | picked).expand(b, selection.num_heads, -1, -1).contiguous(), qbs,
+                                   self.block_size, selection.dense_heads)
+        if nqb == 1:
+            return last
+        rest = Selection(selection.indices[:, :, :-1], selection.counts[:, :, :-1], qbs, self.block_size,
+                         selection.dense_heads)
+        return Selection.concat([rest, last])
+
+    def adjust_output(
+        self, out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, selection: Selection, ctx: SelectionContext,
+        scale: float,
+    ) -> Tensor:
+        """With ``compensate``: merge the summary tokens of the blocks each query block left out into ``out``
+        ``[B, Hq, Tq, D]``; rows whose ``lse`` is NaN (heads the operator ran densely) keep ``out``."""
+        if not self.compensate:
+            return out
+        if ctx.block_means is not None and ctx.key_mask is None:
+            k_means, v_means, counts = ctx.block_means
+        else:
+            k_means, counts = block_means(k, self.block_size, ctx.key_mask)
+            v_means, _ = block_means(v, self.block_size, ctx.key_mask)
+        out_c, lse_c = summary_attention(q, k_means, v_means, counts, selection.indices, selection.query_block_size,
+                                         self.block_size, ctx.q_offset, scale)
+        merged, _ = merge_attention(out, lse, out_c, lse_c)
+        return torch.where(torch.isnan(lse).unsqueeze(-1), out, merged)
 
     def uses_fused_topk(self, ctx: SelectionContext) -> bool:
         """Whether this step selects through :func:`longattn.ops.block_topk.block_topk` (scoring, pooling and
@@ -56,7 +148,7 @@ class TopKMethod(Method):
         per-head selection at real positions, and on backend "triton" a Triton with ``tl.topk``. On backend
         "native" its C kernel runs (4x its naive path at 32k tokens), elsewhere the naive PyTorch path
         (measured 1.5x faster than the mask path at 8k with the same Selection)."""
-        if self.fused_score is None or self.share_kv_heads or ctx.reposition is not None:
+        if self.fused_score is None or self.share_kv_heads or ctx.reposition is not None or self.top_p is not None:
             return False
         if ctx.backend != "triton":
             return True
@@ -105,7 +197,11 @@ class TopKMethod(Method):
         scores = self.block_scores(q, summaries, ctx, qbs, prepared)  # [B, Hq, Qblk, Nblk]
         if self.share_kv_heads:
             scores = scores.view(b, ctx.num_kv_heads, -1, *scores.shape[2:]).amax(dim=2)
-        return static | top_blocks(scores, self.eligible_mask(tq, ctx, qbs, static), self.top_k)
+        eligible = self.eligible_mask(tq, ctx, qbs, static)
+        if self.top_p is None:
+            return static | top_blocks(scores, eligible, self.top_k)
+        logits = scores * ctx.softmax_scale(q.shape[-1]) + math.log(self.block_size)
+        return static | top_p_blocks(logits, static, eligible, float(self.top_p), self.top_k)
 
     def block_scores(
         self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int, prepared: Any = None
@@ -152,3 +248,32 @@ def top_blocks(scores: Tensor, eligible: Tensor, k: int) -> Tensor:
         top = scores.topk(k, dim=-1)
         picked = picked.scatter(-1, top.indices, torch.isfinite(top.values))
     return picked
+
+
+def top_p_blocks(logits: Tensor, static: Tensor, eligible: Tensor, p: float, cap: int) -> Tensor:
+    """The fewest eligible blocks of each row, best first, that bring the estimated softmax mass to ``p``.
+
+    The mass of a block is ``softmax(logits)`` over the row's static and eligible blocks; the static blocks
+    (sinks, window) count first, as they are always kept. ``p >= 1`` keeps every eligible block up to ``cap``.
+
+    Args:
+        logits: ``[B, H, Qblk, Nblk]`` float, estimated log-mass of each block (any offset per row).
+        static, eligible: bool masks broadcastable to ``logits``.
+        cap: the most blocks a row picks.
+
+    Returns:
+        ``[B, H, Qblk, Nblk]`` bool, the picked eligible blocks.
+    """
+    eligible = eligible & torch.isfinite(logits)
+    if p >= 1.0:
+        return top_blocks(logits, eligible, cap)
+    seen = (static | eligible).expand_as(logits)
+    probs = torch.softmax(logits.masked_fill(~seen, float("-inf")), dim=-1).nan_to_num(0.0)
+    static_mass = (probs * static).sum(-1, keepdim=True)
+    # Ineligible blocks sort last (-1) and are never picked.
+    ordered = probs.masked_fill(~eligible, -1.0).sort(dim=-1, descending=True)
+    mass = ordered.values.clamp(min=0.0)
+    before = static_mass + mass.cumsum(-1) - mass  # the mass of the blocks ranked above
+    rank = torch.arange(logits.shape[-1], device=logits.device)
+    keep = (before < p) & (ordered.values >= 0) & (rank < cap)
+    return torch.zeros_like(keep).scatter(-1, ordered.indices, keep)
