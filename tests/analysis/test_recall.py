@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import longattn
-from longattn.analysis import RecallRecorder, attention_recall, sample_positions
+from longattn.analysis import RecallRecorder, attention_recall, output_error, recall_and_oracle, sample_positions
 from longattn.core.index import BlockIndex
 from longattn.core.selection import Selection
 from longattn.methods.base import SelectionContext
@@ -94,3 +94,52 @@ def test_recorder_on_a_model(name, expect_one):
 def test_apply_rejects_a_non_callable_observer():
     with pytest.raises(ValueError, match="observer"):
         longattn.apply(tiny_model("llama"), longattn.get_method("dense"), observer=3)
+
+
+def test_oracle_holds_the_best_blocks_at_the_selection_budget():
+    torch.manual_seed(4)
+    q, k = torch.randn(1, 2, 48, 8), torch.randn(1, 1, 48, 8)
+    rows = torch.tensor([15, 31, 47])
+    sel = longattn.get_method("moba", block_size=8, window=0, sink_tokens=0, top_k=1, query_block_size=16)
+    ctx = SelectionContext(kv_len=48, q_offset=0, layer=0, num_kv_heads=1, keys=k)
+    selection = sel.select(q, BlockIndex(8).update(k, 0), ctx)
+    recall, oracle = recall_and_oracle(q, k, selection, 0.35, rows)
+    torch.testing.assert_close(recall, attention_recall(q, k, selection, 0.35, rows))
+    # The oracle from the dense rows: the heaviest `count` blocks of each row.
+    probs = torch.softmax((q[:, :, rows] @ k.transpose(-1, -2) * 0.35).masked_fill(
+        torch.arange(48).view(1, -1) > rows.view(-1, 1), float("-inf")), -1)
+    mass = probs.view(1, 2, 3, 6, 8).sum(-1)
+    counts = selection.to_mask(6)[:, :, rows // 16].sum(-1)
+    want = torch.stack([mass[0, h, i].sort(descending=True).values[: counts[0, h, i]].sum()
+                        for h in range(2) for i in range(3)]).view(1, 2, 3)
+    torch.testing.assert_close(oracle, want)
+    assert bool((oracle >= recall - 1e-6).all()) and bool((oracle > recall + 1e-3).any())
+
+
+def test_output_error_is_zero_for_dense_and_positive_for_a_sparse_output():
+    torch.manual_seed(5)
+    q, k, v = torch.randn(1, 2, 64, 8), torch.randn(1, 1, 64, 8), torch.randn(1, 1, 64, 8)
+    rows = torch.tensor([20, 63])
+    dense = longattn.ops.dense_attention(q, k, v, 0.35)
+    assert float(output_error(q, k, v, dense, 0.35, rows).max()) < 1e-5
+    m = longattn.get_method("streaming", block_size=8, window=8, sink_tokens=0)
+    ctx = SelectionContext(kv_len=64, q_offset=0, layer=0, num_kv_heads=1)
+    out, _ = longattn.block_sparse_attention(q, k, v, m.select(q, None, ctx), 0.35, causal=True)
+    assert float(output_error(q, k, v, out, 0.35, rows).min()) > 1e-3
+
+
+def test_recorder_reports_oracle_and_output_error_through_a_model():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 96))
+    recorder = RecallRecorder(num_queries=8)
+    m = longattn.get_method("moba", block_size=8, window=8, sink_tokens=4, top_k=1)
+    with longattn.apply(model, m, observer=recorder):
+        model(ids)
+    s = recorder.summary()
+    layers = model.config.num_hidden_layers
+    assert len(s["per_layer_oracle"]) == layers and len(s["per_layer_output_error"]) == layers
+    assert s["oracle_mean"] >= s["mean"] and s["output_error_mean"] > 0
+    recorder.reset()
+    with longattn.apply(model, longattn.get_method("dense"), observer=recorder):
+        model(ids)
+    assert recorder.summary()["output_error_mean"] < 1e-4

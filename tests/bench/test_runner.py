@@ -97,7 +97,8 @@ def test_a_failing_method_is_recorded_and_the_sweep_goes_on(tiny, tmp_path, monk
     summary = _sweep(tiny, out, monkeypatch, methods={"broken": Broken(), "dense": longattn.get_method("dense")},
                      depths=[0.5], seeds=[0])
     assert (summary.ran, summary.failed) == (2, 1)
-    broken, dense = _lines(out)
+    by_label = {r["label"]: r for r in _lines(out)}
+    broken, dense = by_label["broken"], by_label["dense"]
     assert broken["error"] == "RuntimeError: selection exploded" and broken["score"] is None
     assert dense["error"] is None and dense["score"] is not None
 
@@ -192,3 +193,18 @@ def test_the_dtype_is_recorded_and_a_bfloat16_run_does_not_resume_a_float32_one(
                    methods={"dense": longattn.get_method("dense")})
     assert again.skipped == 0 and again.ran == 4
     assert [line["dtype"] for line in _lines(out)] == ["float32"] * 4 + ["bfloat16"] * 4
+
+
+def test_every_method_is_compared_with_dense_at_the_answer_position(tiny, monkeypatch):
+    methods = {"moba": longattn.get_method("moba", block_size=8, top_k=1, window=8),
+               "dense": longattn.get_method("dense")}  # dense listed last still runs first
+    records = _sweep(tiny, None, monkeypatch, methods=methods).records
+    for r in records:
+        assert r["kl_first"] is not None and r["kl_first"] >= 0
+        if r["label"] == "dense":
+            assert r["kl_first"] == pytest.approx(0.0, abs=1e-6)
+    assert max(r["kl_first"] for r in records if r["label"] == "moba") > 1e-6
+    assert all(r["recall"]["oracle_mean"] >= r["recall"]["mean"] - 1e-6 for r in records)
+    # Without dense in the sweep there is nothing to compare with.
+    alone = _sweep(tiny, None, monkeypatch, methods={"moba": methods["moba"]}).records
+    assert all(r["kl_first"] is None for r in alone)

@@ -5,7 +5,10 @@ prompts through a model to fill a HeadProfile is :func:`longattn.bench.profiling
 """
 
 from longattn.analysis.heads import HeadRecorder, retrieval_hits
-from longattn.analysis.recall import RecallRecorder, attention_recall
+from longattn.analysis.recall import RecallRecorder, attention_recall, output_error, recall_and_oracle
 from longattn.ops.sampled import sample_positions
 
-__all__ = ["HeadRecorder", "RecallRecorder", "attention_recall", "retrieval_hits", "sample_positions"]
+__all__ = [
+    "HeadRecorder", "RecallRecorder", "attention_recall", "output_error", "recall_and_oracle", "retrieval_hits",
+    "sample_positions",
+]

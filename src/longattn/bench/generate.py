@@ -29,6 +29,9 @@ class GenerationResult:
     prefill_s: float
     decode_s: float
     cache: Any = None
+    first_logprobs: Tensor | None = None
+    """``[V]`` float32 log-probabilities of the first generated token (the answer position), for comparing a
+    method's next-token distribution with dense's (:func:`longattn.bench.runner.kl_divergence`)."""
 
 
 @torch.inference_mode()
@@ -72,6 +75,7 @@ def greedy_generate(
                     logits_to_keep=1)
         cache = out.past_key_values
     prefill = time.perf_counter() - start
+    first_logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     generated = [token]
     start = time.perf_counter()
@@ -83,4 +87,4 @@ def greedy_generate(
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         generated.append(token)
     decode = time.perf_counter() - start
-    return GenerationResult(torch.cat(generated, dim=1)[0], prefill, decode, cache)
+    return GenerationResult(torch.cat(generated, dim=1)[0], prefill, decode, cache, first_logprobs)

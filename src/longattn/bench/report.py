@@ -29,7 +29,10 @@ from longattn.bench.results import (
 
 LEGEND = (
     "Accuracy is the mean score over depths and seeds with a 95% interval (Wilson for 0/1 scores), n non-error "
-    "cells. Density is the share of causal query-key pairs computed in prefill; recall is the share of dense "
+    "cells. Density is the share of causal query-key pairs computed in prefill; oracle is what the best key blocks "
+    "would hold at the same budget (recall's ceiling); output error is the relative error of attention outputs "
+    "against dense on sampled rows; KL first token is the divergence of the answer position's next-token "
+    "distribution from dense's (nats). Recall is the share of dense "
     "attention mass the selection keeps (mean / 10th percentile). Speed-up is dense prefill time / method prefill "
     "time at the same task and length. Peak memory is the largest over the cells (model weights included); added "
     "memory is the most a cell grew above what was resident when it began. Errored cells are excluded "
@@ -115,7 +118,8 @@ def _main_table(section: Section) -> list[str]:
     followup = any(r.first_accuracy is not None for r in section.rows)
     quality = "NLL (n)" if section.perplexity else "accuracy [95% CI] (n)"
     header = ["method", "length", quality] + (["first turn"] if followup else []) + [
-        "density", "recall mean / p10", "prefill s", "speed-up vs dense", "decode ms/token",
+        "density", "recall mean / p10", "oracle", "output error", "KL first token", "prefill s", "speed-up vs dense",
+        "decode ms/token",
         f"peak MiB ({'/'.join(unique(str(c.get('mem_kind')) for c in section.cells)) or '?'})", "added MiB",
         "errors"]
     body = []
@@ -124,7 +128,8 @@ def _main_table(section: Section) -> list[str]:
         recall = "—" if r.recall_mean is None else f"{_fmt(r.recall_mean, 3)} / {_fmt(r.recall_p10, 3)}"
         speedup = "—" if r.speedup is None else f"{r.speedup:.2f}×"
         body.append([r.label, str(r.length), score] + ([_fmt(r.first_accuracy, 2)] if followup else []) + [
-            _fmt(r.density, 3), recall, _fmt(r.prefill_s, 2), speedup, _fmt(r.decode_ms_per_token, 1),
+            _fmt(r.density, 3), recall, _fmt(r.oracle_mean, 3), _fmt(r.output_error, 3), _fmt(r.kl_first, 3),
+            _fmt(r.prefill_s, 2), speedup, _fmt(r.decode_ms_per_token, 1),
             _fmt(r.peak_mem_mib, 0), _fmt(r.added_mem_mib, 0), str(r.errors)])
     return _table(header, body)
 

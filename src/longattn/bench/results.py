@@ -51,6 +51,9 @@ class Row:
         haystack: filler kind where the task has one; different haystacks are never pooled.
         added_mem_mib: largest memory any cell added on top of what was resident when it began (the model's
             weights are in the peak, not in this), MiB.
+        oracle_mean: what the best key blocks would hold at the selection's budget (the recall's ceiling), mean.
+        output_error: relative error of the attention output against dense on sampled rows, mean.
+        kl_first: KL divergence (nats) of the answer position's next-token distribution from dense's, mean.
     """
 
     task: str
@@ -72,6 +75,9 @@ class Row:
     nll: float | None
     haystack: str | None = None
     added_mem_mib: float | None = None
+    oracle_mean: float | None = None
+    output_error: float | None = None
+    kl_first: float | None = None
 
 
 def load_results(path: str | Path) -> list[dict]:
@@ -166,6 +172,9 @@ def _row(key: tuple, cells: list[dict], dense_prefill: float | None) -> Row:
         nll=_mean((c.get("nll") or {}).get("mean") for c in ok),
         haystack=haystack,
         added_mem_mib=max(added) / MIB if added else None,
+        oracle_mean=_mean(r.get("oracle_mean") for r in recalls),
+        output_error=_mean(r.get("output_error_mean") for r in recalls),
+        kl_first=_mean(c.get("kl_first") for c in ok),
     )
 
 

@@ -42,7 +42,7 @@ _NLL_BUCKETS = 8
 # Every line carries every field, so a failed cell reads like the others with nulls where nothing was measured.
 _EMPTY: dict[str, Any] = dict.fromkeys((
     "tokens", "answer", "prediction", "score", "first", "nll", "density", "recall", "recall_s", "prefill_s",
-    "decode_s", "decode_tokens", "peak_mem_bytes", "mem_delta_bytes", "mem_kind",
+    "decode_s", "decode_tokens", "peak_mem_bytes", "mem_delta_bytes", "mem_kind", "kl_first",
 ))
 
 
@@ -181,6 +181,7 @@ def run_cell(model: Any, tokenizer: Any, task: ModuleType, example: Example, met
             # The recall measurement runs inside the prefill's attention calls; its time is not the method's.
             rec.update(prefill_s=result.prefill_s - measuring, decode_s=result.decode_s,
                        decode_tokens=len(result.tokens) - 1, recall_s=measuring)
+            rec["_first_logprobs"] = result.first_logprobs
             if kind == "followup":
                 # Continue the same conversation: the cache holds the prompt and the answer but its last token.
                 tail = result.tokens[-1:]
@@ -297,6 +298,9 @@ def run_sweep(
                 example = task.make(tokenizer, length, 0.0 if depth is None else depth, seed, haystack=haystack)
             except Exception as err:  # a task that cannot build this cell is recorded, the sweep goes on
                 make_error = f"{type(err).__name__}: {err}"
+            # Dense first: its answer-position distribution is what every other method's is compared with.
+            todo.sort(key=lambda label: methods[label].name != "dense")
+            reference: Tensor | None = None
             for label in todo:
                 if bar is not None:
                     where = "" if depth is None else f" depth {depth:g}"
@@ -310,6 +314,11 @@ def run_sweep(
                     try:
                         record.update(run_cell(model, tokenizer, task, example, methods[label], recall_queries, budget,
                                                 backend))
+                        first = record.pop("_first_logprobs", None)
+                        if methods[label].name == "dense" and reference is None:
+                            reference = first
+                        if reference is not None and first is not None:
+                            record["kl_first"] = kl_divergence(reference, first)
                     except Exception as err:  # one method failing must not end the sweep
                         record["error"] = f"{type(err).__name__}: {err}"
                 failed += record["error"] is not None
@@ -323,6 +332,12 @@ def run_sweep(
                 if bar is not None:
                     progress.advance(bar)
     return SweepSummary(ran, skipped, failed, records)
+
+
+def kl_divergence(reference: Tensor, other: Tensor) -> float:
+    """``KL(reference || other)`` in nats of two ``[V]`` log-probability vectors: how far a method's next-token
+    distribution at the answer position is from dense's (0: the same distribution)."""
+    return float((reference.exp() * (reference - other)).sum().clamp_min(0.0))
 
 
 def parse_lengths(text: str) -> list[int]:

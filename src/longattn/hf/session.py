@@ -67,7 +67,9 @@ class AttentionStats:
 
 Observer = Callable[[int, Tensor, Tensor, Selection, float, "Tensor | None"], None]
 """Called as ``observer(layer, q, k, selection, scale, key_mask)`` at every attention call of a session, with
-``q [B, Hq, Tq, D]`` and ``k [B, Hkv, Tk, D]`` post-RoPE (e.g. :class:`longattn.analysis.RecallRecorder`)."""
+``q [B, Hq, Tq, D]`` and ``k [B, Hkv, Tk, D]`` post-RoPE (e.g. :class:`longattn.analysis.RecallRecorder`). An
+observer with an ``observe_output`` method is also called as ``observe_output(layer, q, k, v, out, scale,
+key_mask)`` with the layer's final output ``out [B, Hq, Tq, D]`` (after any compensation)."""
 
 
 @dataclass
@@ -168,6 +170,9 @@ class Session:
         self._count(tq, tk, computed, b * hq)
         if self.observer is not None:
             self.observer(layer, q, k, selection, scale, key_mask)
+            watch_output = getattr(self.observer, "observe_output", None)
+            if watch_output is not None:
+                watch_output(layer, q, k, v, out, scale, key_mask)
         return out.transpose(1, 2)  # HF reshapes [B, Tq, Hq, D] itself
 
     def _block_means(self, k: Tensor, v: Tensor, key_mask: Tensor | None, layer: int,
