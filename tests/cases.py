@@ -19,6 +19,7 @@ class Case:
     full: dict[str, Any] = field(default_factory=dict)
     sparse: bool = True  # False for dense, which has no budget to shrink
     causal_selection: bool = True  # False where a query block's *choice* of blocks may depend on later tokens
+    sparse_prefill: bool = True  # False for eviction (snapkv): prefill is dense, decode reads what was kept
 
     @property
     def id(self) -> str:
@@ -67,6 +68,13 @@ CASES = [
          full={"gamma": 1.0}, causal_selection=False),
     Case("retrieval", {"top_k": 24, "window": 16}, full={"top_k": 1 << 10}),
     Case("retrieval", {"block_size": 8, "top_k": 2, "window": 8}, full={"top_k": 1 << 10}),
+    # Eviction: dense prefill, then each KV head keeps sinks + window + budget_tokens tokens.
+    Case("snapkv", {"budget_tokens": 8, "window": 16}, full={"budget_tokens": 1 << 20}, sparse_prefill=False,
+         causal_selection=False),
+    Case("snapkv", {"budget_tokens": 24, "window": 4, "sink_tokens": 0, "observe": 8, "pool": 1},
+         full={"budget_tokens": 1 << 20}, sparse_prefill=False, causal_selection=False),
+    Case("tova", {"budget_tokens": 8, "window": 8}, full={"budget_tokens": 1 << 20}, sparse_prefill=False,
+         causal_selection=False),
     # Per-head methods on the 2-layer, 4-query / 2-KV-head test models; full = every head reads everything.
     Case("duo", {"block_size": 16, "window": 16, "retrieval_heads": ((0, 1),)}, full={"window": 1 << 20}),
     Case("duo", {"block_size": 16, "window": 0, "sink_tokens": 16, "retrieval_heads": ((0, 0), (1, 3)),

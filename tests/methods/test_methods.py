@@ -67,8 +67,15 @@ def _decode_logits(model, ids, tokens, method):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.sparse], ids=[c.id for c in CASES if c.sparse])
 def test_small_budget_differs_from_sdpa(case: Case, model, reference):
-    ids, ref_logits, _ = reference
-    with torch.no_grad(), longattn.apply(model, longattn.get_method(case.name, **case.config)) as session:
+    ids, ref_logits, generated = reference
+    method = longattn.get_method(case.name, **case.config)
+    if not case.sparse_prefill:  # eviction: prefill is dense by design, decode must not be
+        tokens = [generated[:, LENGTH + i : LENGTH + i + 1] for i in range(5)]
+        got, want = _decode_logits(model, ids, tokens, method), _decode_logits(model, ids, tokens, None)
+        torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+        assert (got[1:] - want[1:]).abs().max() > 1e-3
+        return
+    with torch.no_grad(), longattn.apply(model, method) as session:
         logits = model(ids).logits
     assert session.prefill_stats.density < 0.9
     assert (logits - ref_logits).abs().max() > 1e-3

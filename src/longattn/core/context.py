@@ -43,6 +43,8 @@ class SelectionContext:
         block_means: ``(k_means, v_means [B, Hkv, Nblk, D] float32, counts [B, Nblk] int64)``, the mean key and
             value of every key block, kept incrementally by the session for methods whose ``uses_block_means``
             is True and batches without padding; None otherwise (the method computes them itself).
+        memory: what the method keeps for this layer between the steps of one sequence (an eviction
+            baseline's kept tokens); the session starts it empty with each new sequence. None: no memory.
     """
 
     kv_len: int
@@ -58,6 +60,7 @@ class SelectionContext:
     pattern: StepPattern | None = None
     scale: float | None = None
     block_means: tuple[Tensor, Tensor, Tensor] | None = None
+    memory: dict[str, Any] | None = None
 
     def softmax_scale(self, head_dim: int) -> float:
         """The scale scores are multiplied by before the softmax: the model's, else ``head_dim ** -0.5``."""

@@ -225,3 +225,4 @@ class apply:  # noqa: N801 - used as a context manager, reads like a function: `
                 delattr(m, _SESSION_ATTR)
         if self.session.index is not None:
             self.session.index.reset()
+        self.session.reset_memory()

@@ -94,6 +94,7 @@ class Session:
     _step: tuple[int, int, int] = field(default=(-1, -1, -1), init=False, repr=False)
     _backends: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     _means: tuple[BlockIndex, BlockIndex] | None = field(default=None, init=False, repr=False)
+    _memory: dict[int, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         summariser = self.method.summariser()
@@ -153,7 +154,7 @@ class Session:
         ctx = SelectionContext(
             kv_len=tk, q_offset=tk - tq, layer=layer, num_kv_heads=hkv, key_mask=key_mask, device=q.device, keys=k,
             reposition=self.reposition, backend=backend, step_cache=self._step_cache, scale=scale,
-            block_means=self._block_means(k, v, key_mask, layer, tq),
+            block_means=self._block_means(k, v, key_mask, layer, tq), memory=self._layer_memory(layer, tq, tk),
         )
         summaries = None
         if self.index is not None:
@@ -174,6 +175,19 @@ class Session:
             if watch_output is not None:
                 watch_output(layer, q, k, v, out, scale, key_mask)
         return out.transpose(1, 2)  # HF reshapes [B, Tq, Hq, D] itself
+
+    def _layer_memory(self, layer: int, tq: int, tk: int) -> dict[str, Any]:
+        """The method's memory of ``layer`` for this sequence: emptied when a step starts a new one (nothing
+        cached before it) or the cache is shorter than when the memory was last written (cropped)."""
+        memory = self._memory.setdefault(layer, {})
+        if tk == tq or tk < memory.get("_kv_len", 0):
+            memory.clear()
+        memory["_kv_len"] = tk
+        return memory
+
+    def reset_memory(self) -> None:
+        """Forget what methods remembered between steps (``apply`` calls it on exit)."""
+        self._memory.clear()
 
     def _block_means(self, k: Tensor, v: Tensor, key_mask: Tensor | None, layer: int,
                      tq: int) -> tuple[Tensor, Tensor, Tensor] | None:

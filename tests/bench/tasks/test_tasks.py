@@ -13,6 +13,7 @@ from longattn.bench.tasks import (
     niah_multikey,
     niah_multiquery,
     niah_multivalue,
+    niah_phrased,
     niah_single,
     perplexity,
     variable_tracking,
@@ -21,7 +22,7 @@ from longattn.bench.tasks import (
 from .checks import n_tokens, relative_depth
 
 RULER = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "niah_followup", "variable_tracking"]
-GENERATING = [(name, h) for name in RULER for h in haystack.HAYSTACKS] + [("passkey", "repeat")]
+GENERATING = [(name, h) for name in RULER for h in haystack.HAYSTACKS] + [("passkey", "repeat"), ("niah_phrased", "natural")]
 SHAPES = [(1024, 0.0), (1024, 0.7), (4096, 0.35), (4096, 1.0)]
 
 
@@ -35,7 +36,7 @@ def haystack_text(ex: Example) -> str:
 
 
 def test_registry_follows_the_runner_contract():
-    assert set(TASKS) == {"passkey", *RULER, "perplexity"}
+    assert set(TASKS) == {"passkey", *RULER, "niah_phrased", "perplexity"}
     for name, task in TASKS.items():
         assert task.KIND in ("generate", "followup", "nll"), name
         assert isinstance(task.MAX_NEW_TOKENS, int) and (task.MAX_NEW_TOKENS > 0) == (task.KIND != "nll"), name
@@ -70,7 +71,7 @@ def test_same_arguments_same_example_and_seeds_differ(tokenizer, name, hay):
         assert haystack_text(other)[:200] != haystack_text(first)[:200]
 
 
-@pytest.mark.parametrize("name", ["niah_single", "niah_multikey", "niah_followup"])
+@pytest.mark.parametrize("name", ["niah_single", "niah_multikey", "niah_followup", "niah_phrased"])
 def test_the_answer_appears_once(tokenizer, name):
     ex = TASKS[name].make(tokenizer, 1024, 0.5, 7)
     assert ex.prompt.count(ex.answer) == 1
@@ -174,7 +175,8 @@ def test_natural_haystack_is_prose_and_repeat_is_the_filler(tokenizer):
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_bad_arguments_name_the_argument(tokenizer, name):
     task = TASKS[name]
-    with pytest.raises(ValueError, match="haystack.*'repeat'"):
+    allowed = getattr(task, "HAYSTACKS", haystack.HAYSTACKS)
+    with pytest.raises(ValueError, match=f"haystack.*'{allowed[0]}'"):
         task.make(tokenizer, 1024, 0.5, 0, haystack="x")
     with pytest.raises(ValueError, match="depth"):
         task.make(tokenizer, 1024, 1.5, 0)
@@ -200,3 +202,16 @@ def test_natural_filler_is_cut_to_the_word_and_cycles_past_the_end():
     text = haystack.filler("natural", 3, words + 10)
     assert sum(len(s.split(" ")) for s in text) == words + 10
     assert " ".join(haystack.filler("natural", 3, 7)).split(" ") == " ".join(text).split(" ")[:7]
+
+
+def test_phrased_needles_use_four_wordings_and_none_of_rulers(tokenizer):
+    seen = set()
+    for seed in range(8):
+        ex = niah_phrased.make(tokenizer, 512, 0.5, seed)
+        needle, question = niah_phrased.PHRASINGS[ex.meta["phrasing"]]
+        assert ex.meta["phrasing"] == seed % 4 and "magic" not in ex.prompt.lower()
+        assert ex.meta["needles"][0] in ex.prompt and ex.prompt.rstrip().endswith(question.split("?")[-1].strip().split("{s}")[-1].strip())
+        seen.add(ex.meta["phrasing"])
+    assert seen == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="haystack"):
+        niah_phrased.make(tokenizer, 512, 0.5, 0, haystack="repeat")

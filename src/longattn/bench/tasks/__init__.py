@@ -11,6 +11,7 @@ from longattn.bench.tasks import (
     niah_multikey,
     niah_multiquery,
     niah_multivalue,
+    niah_phrased,
     niah_single,
     passkey,
     perplexity,
@@ -25,6 +26,7 @@ TASKS = {
     "niah_multivalue": niah_multivalue,
     "niah_multiquery": niah_multiquery,
     "niah_followup": niah_followup,
+    "niah_phrased": niah_phrased,
     "variable_tracking": variable_tracking,
     "perplexity": perplexity,
 }
