@@ -1,0 +1,36 @@
+"""BlockMax: a block scores as its best key against the query block's mean query."""
+
+from __future__ import annotations
+
+import torch
+
+import longattn
+from longattn.methods import SelectionContext
+from tests.methods.helpers import select
+from tests.methods.test_quality_options import _hidden_key_case
+
+
+def test_scores_equal_a_loop_over_blocks_and_keys():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 4, 20, 8), torch.randn(1, 2, 52, 8)
+    m = longattn.get_method("blockmax", block_size=8, query_block_size=8)
+    mask = torch.ones(1, 52, dtype=torch.bool)
+    mask[0, :3] = False  # left padding: never a block's best key
+    ctx = SelectionContext(kv_len=52, q_offset=32, layer=0, num_kv_heads=2, keys=k, key_mask=mask)
+    got = m.block_scores(q, None, ctx, 8)
+    want = torch.empty(1, 4, 3, 7)
+    for h in range(4):
+        for qb in range(3):
+            qm = q[0, h, qb * 8 : (qb + 1) * 8].mean(0)
+            for j in range(7):
+                keys = [t for t in range(j * 8, min(52, (j + 1) * 8)) if mask[0, t]]
+                want[0, h, qb, j] = max(float(qm @ k[0, h // 2, t]) for t in keys)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_finds_the_block_whose_best_key_matches_where_the_mean_key_misses_it():
+    q, k = _hidden_key_case()
+    base = dict(block_size=16, window=16, sink_tokens=0, top_k=1, query_block_size=16)
+    moba = select(longattn.get_method("moba", **base), q, k).indices[0, 0, -1].tolist()
+    found = select(longattn.get_method("blockmax", **base), q, k).indices[0, 0, -1].tolist()
+    assert 4 not in moba and 4 in found
