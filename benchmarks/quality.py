@@ -55,10 +55,15 @@ def configs(length: int) -> dict[str, Callable[[], longattn.Method]]:
         "moba+compensate": moba(compensate=True),
         "moba+exact_last+compensate": moba(exact_last=True, compensate=True),
         "moba+top_p": moba(top_p=0.9),
+        "blockmax": lambda: longattn.get_method("blockmax", **common),
+        "blockmax+compensate": lambda: longattn.get_method("blockmax", **common, compensate=True),
+        "blockmax+exact_last+compensate": lambda: longattn.get_method("blockmax", **common, exact_last=True,
+                                                                      compensate=True),
         "quest": lambda: longattn.get_method("quest", **common),
         "quest+exact_last": lambda: longattn.get_method("quest", **common, exact_last=True),
         "snapkv": lambda: longattn.get_method("snapkv", sink_tokens=SINKS, window=window,
                                               budget_tokens=top_k * BLOCK),
+        "tova": lambda: longattn.get_method("tova", sink_tokens=SINKS, window=window, budget_tokens=top_k * BLOCK),
     }
 
 
@@ -66,11 +71,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="an embedded model name (load_model)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/quality"))
-    parser.add_argument("--configs", default="dense,moba,moba+exact_last,moba+compensate,moba+exact_last+compensate")
+    parser.add_argument("--configs", default="dense,moba,blockmax,blockmax+compensate,snapkv")
     parser.add_argument("--tasks", default="niah_phrased")
     parser.add_argument("--lengths", default="2k,4k")
     parser.add_argument("--prompts", type=int, default=30)
-    parser.add_argument("--recall-queries", type=int, default=16)
+    parser.add_argument("--recall-queries", type=int, default=8)
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     console = Console()
