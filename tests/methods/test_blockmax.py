@@ -34,3 +34,27 @@ def test_finds_the_block_whose_best_key_matches_where_the_mean_key_misses_it():
     moba = select(longattn.get_method("moba", **base), q, k).indices[0, 0, -1].tolist()
     found = select(longattn.get_method("blockmax", **base), q, k).indices[0, 0, -1].tolist()
     assert 4 not in moba and 4 in found
+
+
+def _decode_scores(rank, k, q1, steps=3):
+    m = longattn.get_method("blockmax", block_size=8, decode_rank=rank)
+    memory: dict = {}
+    prompt = k[:, :, :40]
+    ctx = SelectionContext(kv_len=40, q_offset=0, layer=0, num_kv_heads=2, keys=prompt, memory=memory)
+    m.block_scores(torch.randn(1, 4, 40, 8), None, ctx, 8)  # the prompt: the sketch is made here
+    out = []
+    for t in range(41, 41 + steps):  # keys arrive one by one, each projected once
+        ctx = SelectionContext(kv_len=t, q_offset=t - 1, layer=0, num_kv_heads=2, keys=k[:, :, :t], memory=memory)
+        out.append(m.block_scores(q1, None, ctx, 1))
+    return out
+
+
+def test_decode_in_a_full_rank_sketch_equals_exact_scores_and_a_low_rank_one_differs():
+    torch.manual_seed(1)
+    k, q1 = torch.randn(1, 2, 60, 8), torch.randn(1, 4, 1, 8)
+    exact = _decode_scores(None, k, q1)
+    full = _decode_scores(8, k, q1)
+    low = _decode_scores(2, k, q1)
+    for e, f, lo in zip(exact, full, low):
+        torch.testing.assert_close(f, e, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(lo, e, atol=1e-2)
