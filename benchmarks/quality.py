@@ -39,9 +39,10 @@ def budget(length: int) -> tuple[int, int]:
     return window, max(top_k, 1)
 
 
-def configs(length: int) -> dict[str, Callable[[], longattn.Method]]:
+def configs(length: int, decode_rank: int | None = 16) -> dict[str, Callable[[], longattn.Method]]:
     window, top_k = budget(length)
     common: dict[str, Any] = dict(block_size=BLOCK, sink_tokens=SINKS, window=window, top_k=top_k)
+    sketch = dict(decode_rank=decode_rank)
 
     def moba(**extra: Any) -> Callable[[], longattn.Method]:
         return lambda: longattn.get_method("moba", **common, **extra)
@@ -55,10 +56,10 @@ def configs(length: int) -> dict[str, Callable[[], longattn.Method]]:
         "moba+compensate": moba(compensate=True),
         "moba+exact_last+compensate": moba(exact_last=True, compensate=True),
         "moba+top_p": moba(top_p=0.9),
-        "blockmax": lambda: longattn.get_method("blockmax", **common),
-        "blockmax+compensate": lambda: longattn.get_method("blockmax", **common, compensate=True),
-        "blockmax+exact_last+compensate": lambda: longattn.get_method("blockmax", **common, exact_last=True,
-                                                                      compensate=True),
+        "blockmax": lambda: longattn.get_method("blockmax", **common, **sketch),
+        "blockmax+compensate": lambda: longattn.get_method("blockmax", **common, **sketch, compensate=True),
+        "blockmax+exact_last+compensate": lambda: longattn.get_method("blockmax", **common, **sketch,
+                                                                      exact_last=True, compensate=True),
         "quest": lambda: longattn.get_method("quest", **common),
         "quest+exact_last": lambda: longattn.get_method("quest", **common, exact_last=True),
         "snapkv": lambda: longattn.get_method("snapkv", sink_tokens=SINKS, window=window,
@@ -76,6 +77,8 @@ def main() -> None:
     parser.add_argument("--lengths", default="2k,4k")
     parser.add_argument("--prompts", type=int, default=30)
     parser.add_argument("--recall-queries", type=int, default=8)
+    parser.add_argument("--decode-rank", type=int, default=16,
+                        help="blockmax's decode sketch rank (0: exact decode scores)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     console = Console()
@@ -96,7 +99,7 @@ def main() -> None:
         with progress:
             for length in lengths:
                 console.print(f"{length} tokens: window, top_k = {budget(length)}")
-                made = {name: configs(length)[name]() for name in names}
+                made = {name: configs(length, args.decode_rank or None)[name]() for name in names}
                 for task in args.tasks.split(","):
                     haystacks = ["natural"] if task in ("niah_phrased",) else ["repeat"]
                     run_sweep(model, tok, tasks=[task], methods=made, lengths=[length], depths=depths,
