@@ -48,6 +48,7 @@ CASES = [
                        "top_p": 0.7}, full={"top_k": 1 << 10, "top_p": 1.0}),
     Case("quest", {"block_size": 16, "top_k": 2, "window": 16}, full={"top_k": 1 << 10}),
     Case("blockmax", {"block_size": 16, "top_k": 2, "window": 16}, full={"top_k": 1 << 10}),
+    Case("blockmax", {"block_size": 16, "top_k": 2, "window": 16, "min_layer_mass": 0.5}, full={"top_k": 1 << 10}),
     Case("blockmax", {"block_size": 8, "top_k": 3, "window": 0, "sink_tokens": 0, "query_block_size": 4,
                       "compensate": True}, full={"top_k": 1 << 10}),
     Case("quest", {"block_size": 8, "top_k": 3, "window": 0, "sink_tokens": 0}, full={"top_k": 1 << 10}),

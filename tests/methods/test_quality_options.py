@@ -139,3 +139,32 @@ def test_compensated_decode_through_a_model_differs_from_plain_and_stays_finite(
         outs[compensate] = (out.logits, step.logits)
     assert all(torch.isfinite(x).all() for x in outs[True])
     assert not torch.allclose(outs[True][0], outs[False][0]) and not torch.allclose(outs[True][1], outs[False][1])
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, True, "0.9"])
+def test_min_layer_mass_is_checked(bad):
+    with pytest.raises(ValueError, match="min_layer_mass"):
+        longattn.get_method("moba", min_layer_mass=bad)
+
+
+def test_a_layer_whose_budget_cannot_hold_the_mass_runs_dense_in_prefill_and_decode():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 256, (1, 3), generator=torch.Generator().manual_seed(1))
+
+    def run(method):
+        with longattn.apply(model, method) if method else torch.no_grad(), torch.no_grad():
+            out = model(ids, use_cache=True)
+            rows = [out.logits[0, -1]]
+            for i in range(3):
+                out = model(tokens[:, i : i + 1], past_key_values=out.past_key_values, use_cache=True)
+                rows.append(out.logits[0, -1])
+        return torch.stack(rows)
+
+    cfg = dict(block_size=16, top_k=1, window=16)
+    dense, plain = run(None), run(longattn.get_method("moba", **cfg))
+    always = run(longattn.get_method("moba", **cfg, min_layer_mass=1.0))  # no 10-block budget holds all of it
+    never = run(longattn.get_method("moba", **cfg, min_layer_mass=0.0))
+    torch.testing.assert_close(always, dense, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(never, plain)
+    assert (plain - dense).abs().max() > 1e-3

@@ -24,8 +24,9 @@ from torch import Tensor
 from longattn.core.checks import check_int
 from longattn.core.selection import Selection
 from longattn.methods.base import Method, SelectionContext
+from longattn.methods.dense import Dense
 from longattn.ops.merge import merge_attention
-from longattn.ops.sampled import block_sums, sampled_attention
+from longattn.ops.sampled import block_sums, sample_positions, sampled_attention
 from longattn.ops.summary_attention import block_means, summary_attention
 
 
@@ -46,6 +47,12 @@ class TopKMethod(Method):
     """The step's last query block (in prefill, the one that writes the first answer token) picks its blocks by
     the exact attention mass its queries put on them (a dense pass of those ``query_block_size`` rows, ``O(qbs
     x Tk)``), not by the scoring rule. Decode steps select by the rule."""
+    min_layer_mass: float | None = None
+    """Layer-aware budget: at each prompt step, a layer whose best blocks at this budget would hold less than
+    this share of the softmax mass (the oracle at ``top_k`` plus sinks and window, measured on 16 sampled
+    query rows, ``O(16 x Tk)`` per head) runs dense for that step and the decode steps after it. On the
+    default model the first layers spread attention too widely for any 10% selection (docs/results/quality.md).
+    None: every layer selects."""
     compensate: bool = False
     """Every key block the selection leaves out still enters each query's softmax once, as one token with the
     block's mean key (plus ``log(count)``) and mean value, merged by log-sum-exp: ``O(Tk / block_size)`` more
@@ -66,6 +73,10 @@ class TopKMethod(Method):
         for name in ("exact_last", "compensate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.min_layer_mass is not None and (isinstance(self.min_layer_mass, bool)
+                                                or not isinstance(self.min_layer_mass, (int, float))
+                                                or not 0.0 <= self.min_layer_mass <= 1.0):
+            raise ValueError(f"min_layer_mass must be None or a number in [0, 1], got {self.min_layer_mass!r}")
         if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
                                        or not 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be None or a number in (0, 1], got {self.top_p!r}")
@@ -86,6 +97,8 @@ class TopKMethod(Method):
         return self.query_block_size or min(self.block_size, 16)
 
     def select(self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext) -> Selection:
+        if self.min_layer_mass is not None and self.layer_is_spread(q, ctx):
+            return Dense().select(q, summaries, ctx)
         if self.uses_fused_topk(ctx):
             selection = self.fused_select(q, self.checked_summaries(summaries, q.shape[0], ctx), ctx)
         else:
@@ -93,6 +106,23 @@ class TopKMethod(Method):
         if self.exact_last and q.shape[2] > 1:
             selection = self.exact_last_block(q, selection, ctx)
         return selection
+
+    def layer_is_spread(self, q: Tensor, ctx: SelectionContext) -> bool:
+        """Whether this layer runs dense under ``min_layer_mass``: decided at each prompt step from sampled
+        rows' attention (the mass the heaviest blocks would hold at this method's budget, averaged over heads
+        and rows) and remembered in ``ctx.memory`` for the decode steps that follow. ``q [B, Hq, Tq, D]``."""
+        memory = ctx.memory if ctx.memory is not None else {}
+        if q.shape[2] == 1:
+            return bool(memory.get("spread", False))
+        keys = self.raw_keys(ctx)
+        rows = sample_positions(q.shape[2], 16, q.device)
+        probs = sampled_attention(q, keys, ctx.softmax_scale(q.shape[-1]), rows, ctx.key_mask)  # [B, Hq, n, Tk]
+        mass = block_sums(probs, self.block_size).sort(dim=-1, descending=True).values
+        bs = self.block_size
+        budget = self.top_k + -(-self.sink_tokens // bs) + -(-self.window // bs) + 1
+        kept = float(mass[..., : min(budget, mass.shape[-1])].sum(-1).mean())
+        memory["spread"] = kept < float(self.min_layer_mass)
+        return memory["spread"]
 
     def exact_last_block(self, q: Tensor, selection: Selection, ctx: SelectionContext) -> Selection:
         """``selection`` with its last query block re-picked by exact attention mass (see ``exact_last``).
