@@ -158,7 +158,7 @@ def test_shared_kv_heads_selects_per_kv_head():
 
 def test_registry_lists_every_method_and_each_has_a_case():
     expected = {"dense", "streaming", "moba", "quest", "infllm", "longheads", "dhsa", "hip", "routing",
-                "flexprefill", "retrieval", "duo", "razor", "act"}
+                "flexprefill", "retrieval", "duo", "razor", "act", "blockmax", "snapkv", "tova"}
     assert set(longattn.list_methods()) == expected
     assert {c.name for c in CASES} == expected
     for name in expected:

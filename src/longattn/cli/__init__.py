@@ -80,7 +80,8 @@ def bench(
     set_: list[str] = typer.Option([], "--set", help="Method option as method.key=value (moba.top_k=8); repeatable."),
     lengths: str = typer.Option("2k,4k,8k", help=LENGTHS_HELP),
     depths: str = typer.Option("0.1,0.5,0.9", help="Comma-separated needle depths in [0, 1]."),
-    seeds: int = typer.Option(3, min=1, help="Prompts per (length, depth): seeds 0..N-1."),
+    seeds: int = typer.Option(10, min=1, help="Prompts per (length, depth): seeds 0..N-1. The default, 3 depths x 10 "
+                              "seeds, gives the 30 prompts per point that a 95% interval needs to rank methods."),
     haystack: str = typer.Option("repeat", help="Comma-separated haystacks: repeat, natural."),
     recall_queries: int = typer.Option(32, min=0, help="Query rows per layer sampled for attention recall (0: off)."),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="Override each task's answer length."),
