@@ -5,10 +5,11 @@ is not per query token); pooling over a query block, eligibility and the top-k a
 score is one the fused Triton kernel computes, the class says so with ``fused_score`` and, on backend
 "triton", selection runs fused (:func:`longattn.ops.block_topk.block_topk`).
 
-Three quality mechanisms are options of every scored method (off by default, like ``positions``):
+Four quality mechanisms are options of every scored method (off by default, like ``positions``):
 ``top_p`` (an adaptive budget: the fewest blocks whose estimated mass reaches p), ``exact_last`` (the step's
-last query block selects by its exact attention mass) and ``compensate`` (every block left out enters once as
-its summary token, :mod:`longattn.ops.summary_attention`).
+last query block selects by its exact attention mass), ``compensate`` (every block left out enters once as
+its summary token, :mod:`longattn.ops.summary_attention`) and ``min_layer_mass`` (a layer whose budget cannot
+hold the mass runs dense).
 """
 
 from __future__ import annotations
