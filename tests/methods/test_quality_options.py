@@ -105,13 +105,15 @@ def test_compensation_brings_a_small_budget_closer_to_dense():
     assert errs[True] < 0.8 * errs[False], errs
 
 
-def test_the_session_keeps_block_means_like_recomputing_them():
-    m = longattn.get_method("moba", block_size=16, top_k=1, compensate=True)
+@pytest.mark.parametrize("name", ["moba", "quest"])  # mean summaries serve as mean keys; min/max do not
+def test_the_session_keeps_block_means_like_recomputing_them(name):
+    m = longattn.get_method(name, block_size=16, top_k=1, compensate=True)
     session = Session(m)
     torch.manual_seed(3)
     k, v = torch.randn(1, 2, 300, 8), torch.randn(1, 2, 300, 8)
     for t, new in ((200, 200), (201, 1), (208, 7), (300, 92)):
-        km, vm, counts = session._block_means(k[:, :, :t], v[:, :, :t], None, 0, new)
+        summaries = session.index.update(k[:, :, :t], 0, new_tokens=new)
+        km, vm, counts = session._block_means(k[:, :, :t], v[:, :, :t], None, 0, new, summaries)
         want_k, want_counts = block_means(k[:, :, :t], 16)
         want_v, _ = block_means(v[:, :, :t], 16)
         torch.testing.assert_close(km, want_k)

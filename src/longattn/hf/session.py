@@ -93,7 +93,7 @@ class Session:
     _step_cache: dict = field(default_factory=dict, init=False, repr=False)
     _step: tuple[int, int, int] = field(default=(-1, -1, -1), init=False, repr=False)
     _backends: dict[str, str] = field(default_factory=dict, init=False, repr=False)
-    _means: tuple[BlockIndex, BlockIndex] | None = field(default=None, init=False, repr=False)
+    _means: tuple[BlockIndex | None, BlockIndex] | None = field(default=None, init=False, repr=False)
     _memory: dict[int, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -102,8 +102,11 @@ class Session:
             self.index = BlockIndex(self.method.block_size, summariser)
         if getattr(self.method, "uses_block_means", False):
             # Kept like the block summaries, a block at a time: recomputing them would read all of K and V
-            # at every decode step, which is what dense decode costs.
-            self._means = (BlockIndex(self.method.block_size, "mean"), BlockIndex(self.method.block_size, "mean"))
+            # at every decode step, which is what dense decode costs. Mean keys are the summaries themselves
+            # where the method's index keeps means (MoBA); only the values then need an index of their own.
+            bs = self.method.block_size
+            keys = None if summariser == "mean" else BlockIndex(bs, "mean")
+            self._means = (keys, BlockIndex(bs, "mean"))
         policy = self.method.position_policy()
         if policy.changes_positions:
             if self.rope is None:
@@ -151,14 +154,15 @@ class Session:
         hkv, tk = k.shape[1], k.shape[2]
         layer = int(getattr(module, "layer_idx", 0))
         backend = self._begin(layer, tq, tk, q.device.type)
-        ctx = SelectionContext(
-            kv_len=tk, q_offset=tk - tq, layer=layer, num_kv_heads=hkv, key_mask=key_mask, device=q.device, keys=k,
-            reposition=self.reposition, backend=backend, step_cache=self._step_cache, scale=scale,
-            block_means=self._block_means(k, v, key_mask, layer, tq), memory=self._layer_memory(layer, tq, tk),
-        )
         summaries = None
         if self.index is not None:
             summaries = self.index.update(k, layer, new_tokens=tq, q=q)
+        ctx = SelectionContext(
+            kv_len=tk, q_offset=tk - tq, layer=layer, num_kv_heads=hkv, key_mask=key_mask, device=q.device, keys=k,
+            reposition=self.reposition, backend=backend, step_cache=self._step_cache, scale=scale,
+            block_means=self._block_means(k, v, key_mask, layer, tq, summaries),
+            memory=self._layer_memory(layer, tq, tk),
+        )
         selection = self.method.select(self._selecting_queries(q, key_mask, tk), summaries, ctx)
         out, lse = block_sparse_attention(
             q, k, v, selection, scale, causal=True, key_mask=key_mask, backend=backend, reposition=self.reposition,
@@ -189,15 +193,17 @@ class Session:
         """Forget what methods remembered between steps (``apply`` calls it on exit)."""
         self._memory.clear()
 
-    def _block_means(self, k: Tensor, v: Tensor, key_mask: Tensor | None, layer: int,
-                     tq: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    def _block_means(self, k: Tensor, v: Tensor, key_mask: Tensor | None, layer: int, tq: int,
+                     summaries: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
         """Mean key and value of every key block ``[B, Hkv, Nblk, D]`` and the valid keys per block ``[B, Nblk]``
-        (for methods with ``uses_block_means``); None with padding, where the method masks them itself."""
+        (for methods with ``uses_block_means``); None with padding, where the method masks them itself.
+        ``summaries`` are this step's from the session's index, the mean keys where it keeps means."""
         if self._means is None or key_mask is not None:
             return None
         b, _, tk, _ = k.shape
         bs = self.method.block_size
-        k_means = self._means[0].update(k, layer, new_tokens=tq)[:, :, :, 0]
+        keys = self._means[0]
+        k_means = (summaries if keys is None else keys.update(k, layer, new_tokens=tq))[:, :, :, 0]
         v_means = self._means[1].update(v, layer, new_tokens=tq)[:, :, :, 0]
         counts = torch.full((b, k_means.shape[2]), bs, dtype=torch.long, device=k.device)
         counts[:, -1] = tk - (k_means.shape[2] - 1) * bs

@@ -12,6 +12,7 @@ from longattn.core.selection import Selection
 from longattn.methods.base import SelectionContext
 from longattn.methods.duo import Duo
 from longattn.ops.merge import merge_attention
+from longattn.ops.summary_attention import masked_block_sums
 
 
 @dataclass
@@ -69,18 +70,14 @@ class Razor(Duo):
         Returns:
             ``k_mean, v_mean [B, Hkv, Qblk, D]`` float32 and ``count [B, Qblk]`` int64 dropped valid keys.
         """
-        b, hkv, tk, d = k.shape
-        bs = self.block_size
-        nkb = -(-tk // bs)
-        pad = nkb * bs - tk
-        valid = torch.ones(b, tk, dtype=torch.bool, device=k.device) if ctx.key_mask is None else ctx.key_mask
-        weight = torch.nn.functional.pad(valid.float(), (0, pad)).view(b, 1, nkb, bs, 1)
+        b, hkv, _, d = k.shape
 
-        def prefix(x: Tensor) -> Tensor:  # [B, Hkv, Tk, D] -> [B, Hkv, Nblk + 1, D] sums of blocks < i
-            sums = (torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(b, hkv, nkb, bs, d) * weight).sum(3)
-            return torch.nn.functional.pad(sums.cumsum(2), (0, 0, 1, 0))
+        def prefix(x: Tensor) -> tuple[Tensor, Tensor]:  # sums of blocks < i: [B, Hkv, Nblk + 1, D], [B, Nblk + 1]
+            sums, valid = masked_block_sums(x, self.block_size, ctx.key_mask)
+            return (torch.nn.functional.pad(sums.cumsum(2), (0, 0, 1, 0)),
+                    torch.nn.functional.pad(valid.cumsum(1), (1, 0)))
 
-        counts = torch.nn.functional.pad(weight.view(b, nkb, bs).sum(-1).cumsum(1), (1, 0))  # [B, Nblk + 1]
+        (k_sums, counts), (v_sums, _) = prefix(k), prefix(v)
         # The dropped run of each query block: after its sink blocks, before its window (core.pattern).
         low, hi = self.pattern(q_len, ctx, qbs).dropped_run(b)  # [B, Qblk]
 
@@ -90,5 +87,5 @@ class Razor(Duo):
 
         count = counts.gather(1, hi) - counts.gather(1, low)  # [B, Qblk]
         denom = count.clamp(min=1).view(b, 1, -1, 1)
-        return run(prefix(k)) / denom, run(prefix(v)) / denom, count.round().long()
+        return run(k_sums) / denom, run(v_sums) / denom, count.round().long()
 

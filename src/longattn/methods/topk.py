@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from longattn.core.checks import check_int
+from longattn.core.checks import check_fraction, check_int
 from longattn.core.selection import Selection
 from longattn.methods.base import Method, SelectionContext
 from longattn.methods.dense import Dense
@@ -74,13 +74,10 @@ class TopKMethod(Method):
         for name in ("exact_last", "compensate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.min_layer_mass is not None and (isinstance(self.min_layer_mass, bool)
-                                                or not isinstance(self.min_layer_mass, (int, float))
-                                                or not 0.0 <= self.min_layer_mass <= 1.0):
-            raise ValueError(f"min_layer_mass must be None or a number in [0, 1], got {self.min_layer_mass!r}")
-        if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
-                                       or not 0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be None or a number in (0, 1], got {self.top_p!r}")
+        if self.min_layer_mass is not None:
+            check_fraction("min_layer_mass", self.min_layer_mass, low_open=False)
+        if self.top_p is not None:
+            check_fraction("top_p", self.top_p, low_open=True)
 
     @property
     def adjusts_output(self) -> bool:  # type: ignore[override]

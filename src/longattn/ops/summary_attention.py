@@ -122,6 +122,24 @@ def summary_attention_naive(
     return out.to(q.dtype), lse
 
 
+def masked_block_sums(x: Tensor, block_size: int, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Sum of each block's valid rows and how many there are.
+
+    Args:
+        x: ``[B, H, Tk, D]`` keys or values; key_mask: optional ``[B, Tk]`` bool, False on padding.
+
+    Returns:
+        ``sums [B, H, Nblk, D]`` float32 and ``counts [B, Nblk]`` float32 (whole numbers).
+    """
+    b, h, tk, d = x.shape
+    nkb = -(-tk // block_size)
+    pad = nkb * block_size - tk
+    valid = torch.ones(b, tk, dtype=torch.bool, device=x.device) if key_mask is None else key_mask
+    w = torch.nn.functional.pad(valid.float(), (0, pad)).view(b, 1, nkb, block_size, 1)
+    sums = (torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(b, h, nkb, block_size, d) * w).sum(3)
+    return sums, w.view(b, nkb, block_size).sum(-1)
+
+
 def block_means(x: Tensor, block_size: int, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Mean of each block's valid rows and the count of them.
 
@@ -131,11 +149,5 @@ def block_means(x: Tensor, block_size: int, key_mask: Tensor | None = None) -> t
     Returns:
         ``means [B, H, Nblk, D]`` float32 (0 for a block of padding only) and ``counts [B, Nblk]`` int64.
     """
-    b, h, tk, d = x.shape
-    nkb = -(-tk // block_size)
-    pad = nkb * block_size - tk
-    valid = torch.ones(b, tk, dtype=torch.bool, device=x.device) if key_mask is None else key_mask
-    w = torch.nn.functional.pad(valid.float(), (0, pad)).view(b, 1, nkb, block_size, 1)
-    sums = (torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(b, h, nkb, block_size, d) * w).sum(3)
-    counts = w.view(b, nkb, block_size).sum(-1)
-    return sums / counts.clamp(min=1).view(b, 1, nkb, 1), counts.round().long()
+    sums, counts = masked_block_sums(x, block_size, key_mask)
+    return sums / counts.clamp(min=1).view(counts.shape[0], 1, -1, 1), counts.round().long()
