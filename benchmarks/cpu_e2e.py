@@ -7,7 +7,9 @@ Every (method, length) runs in its own subprocess, so its peak RSS (``ru_maxrss`
 JSON line to ``--out``; a rerun skips the cells already there (a 32k dense prefill takes minutes on 2 cores).
 Each cell: one ``niah_single`` prompt (repeated filler, depth 0.5), the whole 30-layer prefill
 (``logits_to_keep=1``), then ``--decode`` greedy steps; the time inside ``Method.select`` is measured too, as a
-share of the time inside the attention calls. ``--cache``: the KV cache every method (dense included) runs on,
+share of the time inside the attention calls. A method named ``q:<config>`` is a config of ``benchmarks/quality.py`` at its ~10% budget for the
+length (exact decode scores), e.g. ``q:blockmax+compensate``; the time inside ``adjust_output`` (compensation)
+is measured as a share of attention too. ``--cache``: the KV cache every method (dense included) runs on,
 ``growing`` (``longattn.GrowingCache``, appends in place) or ``dynamic`` (transformers' ``DynamicCache``, which
 copies the cache per decoded token; lines without a "cache" field were measured on it). Ratios are against
 dense of the same length, dtype and cache, same file. ``benchmarks/cpu_speed.py --e2e`` runs it after the
@@ -38,8 +40,14 @@ def run_cell(method_name: str, length: int, dtype_name: str, decode: int, cache_
     dtype = getattr(torch, dtype_name)
     model, tok = longattn.load_model(dtype=dtype)
     ids = tok(niah_single.make(tok, length, 0.5, 0, haystack="repeat").prompt, return_tensors="pt").input_ids
-    method = longattn.get_method(method_name)
-    timing = {"select": 0.0, "attend": 0.0}
+    if method_name.startswith("q:"):  # a config of the quality sweep, at its ~10% budget for this length
+        sys.path.insert(0, str(Path(__file__).parent))
+        from quality import configs
+
+        method = configs(length, decode_rank=None)[method_name[2:]]()
+    else:
+        method = longattn.get_method(method_name)
+    timing = {"select": 0.0, "attend": 0.0, "adjust": 0.0}
 
     def timed(fn, key):
         def wrapper(*args, **kwargs):
@@ -52,6 +60,7 @@ def run_cell(method_name: str, length: int, dtype_name: str, decode: int, cache_
 
     # Instance attributes on our own objects: the session calls them, transformers is untouched.
     method.select = timed(method.select, "select")  # type: ignore[method-assign]
+    method.adjust_output = timed(method.adjust_output, "adjust")  # type: ignore[method-assign]
     with torch.inference_mode(), longattn.apply(model, method) as session:
         session.attend = timed(session.attend, "attend")  # type: ignore[method-assign]
         start = time.perf_counter()
@@ -59,6 +68,7 @@ def run_cell(method_name: str, length: int, dtype_name: str, decode: int, cache_
         out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         prefill = time.perf_counter() - start
         share = timing["select"] / timing["attend"] if timing["attend"] else None
+        adjust_share = timing["adjust"] / timing["attend"] if timing["attend"] else None
         attend_prefill = timing["attend"]
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
@@ -69,6 +79,7 @@ def run_cell(method_name: str, length: int, dtype_name: str, decode: int, cache_
     return {
         "method": method_name, "length": int(ids.shape[1]), "requested": length, "dtype": dtype_name, "cache": cache_name,
         "prefill_s": prefill, "attention_prefill_s": attend_prefill, "select_share": share,
+        "adjust_share": adjust_share,
         "decode_ms": decode_s / max(1, decode) * 1000, "density": session.prefill_stats.density,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "cpu": hardware()["name"], "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -103,13 +114,14 @@ def table(rows: list[dict]) -> str:
     """Markdown: one row per cell, with the ratios to dense of the same length (> 1: faster / smaller)."""
     dense = {r["requested"]: r for r in rows if r["method"] == "dense"}
     out = ["| tokens | method | density | prefill s | vs dense | decode ms/token | vs dense | peak RSS MiB | dense / this "
-           "| select share of attention |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| select share of attention | compensation share |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["requested"], r["method"] != "dense", r["method"])):
         d = dense.get(r["requested"])
         ratios = [f"{d[key] / r[key]:.2f}x" if d else "—" for key in ("prefill_s", "decode_ms", "peak_rss_mib")]
         share = "—" if r["select_share"] is None else f"{r['select_share']:.0%}"
+        adjust = "—" if not r.get("adjust_share") else f"{r['adjust_share']:.0%}"
         out.append(f"| {r['length']} | {r['method']} | {r['density']:.3f} | {r['prefill_s']:.2f} | {ratios[0]} | "
-                   f"{r['decode_ms']:.1f} | {ratios[1]} | {r['peak_rss_mib']:.0f} | {ratios[2]} | {share} |")
+                   f"{r['decode_ms']:.1f} | {ratios[1]} | {r['peak_rss_mib']:.0f} | {ratios[2]} | {share} | {adjust} |")
     return "\n".join(out)
 
 

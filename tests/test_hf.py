@@ -184,8 +184,8 @@ def test_backends_that_cannot_run_raise_through_apply():
         with pytest.raises(ValueError, match="backend='flex' runs compiled on CUDA"):
             with longattn.apply(model, longattn.get_method("moba"), backend="flex"):
                 model(ids)
-    with pytest.raises(ValueError, match="positions='self_extend' runs on backend 'auto', 'gather'"):
-        longattn.apply(model, longattn.get_method("moba", positions="self_extend"), backend="triton")
+    with pytest.raises(ValueError, match="positions='longheads' runs on backend 'auto', 'gather'"):
+        longattn.apply(model, longattn.get_method("moba", positions="longheads"), backend="triton")
 
 
 PADDED_CASES = [

@@ -9,6 +9,7 @@ import torch
 
 from longattn.core.positions import (
     POLICIES,
+    DualChunk,
     InfLLMLayout,
     LongHeadsLayout,
     Original,
@@ -78,7 +79,7 @@ def _virtual_distance(policy, i: int, j: int, selected: list[int], window: int, 
     first = (i // qbs) * qbs
     lo = min(max(first - window, 0) // bs, first // bs)
     block = j // bs
-    if block >= lo or isinstance(policy, Original):
+    if isinstance(policy, Original) or (block >= lo and not isinstance(policy, DualChunk)):
         return i - j
     if isinstance(policy, LongHeadsLayout):
         far = [n for n in selected if n < lo]
@@ -86,6 +87,13 @@ def _virtual_distance(policy, i: int, j: int, selected: list[int], window: int, 
         return i - (start + j - block * bs)
     if isinstance(policy, InfLLMLayout):
         return i - (lo * bs - 1)
+    if isinstance(policy, DualChunk):  # ChunkLlama: keys at p mod L; the query's index depends on the key's chunk
+        s, big = policy.chunk_size, policy.chunk_size - policy.local_window
+        if i // big == j // big:
+            return i - j
+        if j // big == i // big - 1:
+            return min(i % big + big, s) - j % big
+        return min(2 * big - 1, s) - j % big
     g = policy.group_size
     return i // g - j // g + window - window // g
 
@@ -123,9 +131,11 @@ def _random_selection(hq, t, qbs, bs, window, keep, seed):
     return Selection.from_mask(mask, qbs, bs)
 
 
-@pytest.mark.parametrize("backend", ["gather", "naive"])
-@pytest.mark.parametrize("policy", [Original(), LongHeadsLayout(), InfLLMLayout(), SelfExtend(3)],
-                         ids=lambda p: p.name)
+# "auto" runs every policy but longheads as region passes on the fastest backend (native where it builds);
+# "gather" and "naive" keep their own policy code, except for dca, which only the region passes apply.
+@pytest.mark.parametrize("backend", ["gather", "naive", "auto"])
+@pytest.mark.parametrize("policy", [Original(), LongHeadsLayout(), InfLLMLayout(), SelfExtend(3),
+                                    DualChunk(chunk_size=40, local_window=8)], ids=lambda p: p.name)
 @pytest.mark.parametrize("bs, qbs, window", [(8, 8, 16), (8, 4, 8), (16, 16, 0)])
 def test_operator_equals_rope_reference(policy, bs, qbs, window, backend):
     hq, hkv, t = 4, 2, 75
@@ -139,13 +149,13 @@ def test_operator_equals_rope_reference(policy, bs, qbs, window, backend):
     torch.testing.assert_close(out[0], _reference(q0, k0, v, selection, policy, window), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["gather", "naive"])
+@pytest.mark.parametrize("backend", ["gather", "naive", "auto"])
 def test_decode_step_equals_rope_reference(backend):
     hq, hkv, t, bs, window = 4, 2, 90, 8, 16
     g = torch.Generator().manual_seed(3)
     q0, k0, v = (torch.randn(h, t, D, generator=g) for h in (hq, hkv, hkv))
     q, k = rope_at(q0, torch.arange(t)), rope_at(k0, torch.arange(t))
-    for policy in (LongHeadsLayout(), InfLLMLayout(), SelfExtend(4)):
+    for policy in (LongHeadsLayout(), InfLLMLayout(), SelfExtend(4), DualChunk(chunk_size=40, local_window=8)):
         full = _random_selection(hq, t, 1, bs, window, 0.3, seed=4)
         last = Selection(full.indices[:, :, -1:].contiguous(), full.counts[:, :, -1:].contiguous(), 1, bs)
         plan = Reposition(policy, Rope(INV_FREQ, 10_000), window)
@@ -203,7 +213,7 @@ def test_longheads_distances_never_exceed_the_attended_budget():
     assert int((rows.view(1, 1, -1, qbs, 1, 1) - pos.unsqueeze(3))[seen].max()) > 3000
 
 
-@pytest.mark.parametrize("backend", ["gather", "naive"])
+@pytest.mark.parametrize("backend", ["gather", "naive", "auto"])
 def test_a_budget_beyond_the_trained_window_raises(backend):
     t, bs = 300, 16
     q, k, v = (torch.randn(1, h, t, D) for h in (2, 1, 1))
@@ -216,11 +226,35 @@ def test_a_budget_beyond_the_trained_window_raises(backend):
     block_sparse_attention(q, k, v, sel, reposition=plan(SelfExtend(3)), backend=backend)
 
 
-def test_forced_fused_backend_refuses_positions():
-    q, k, v = (torch.randn(1, h, 32, D) for h in (2, 1, 1))
-    sel = Selection.from_mask(torch.ones(1, 2, 2, 2, dtype=torch.bool).tril(), 16, 16)
+def test_forced_fused_backend_refuses_block_moves_and_runs_region_policies():
+    q, k, v = (torch.randn(1, h, 64, D) for h in (2, 1, 1))
+    sel = Selection.from_mask(torch.ones(1, 2, 4, 4, dtype=torch.bool).tril(), 16, 16)
     with pytest.raises(ValueError, match="reposition= .* runs on backend 'auto', 'gather' or 'naive'"):
-        block_sparse_attention(q, k, v, sel, backend="cpu", reposition=Reposition(InfLLMLayout(), Rope(INV_FREQ, 64), 0))
+        block_sparse_attention(q, k, v, sel, backend="cpu", reposition=Reposition(LongHeadsLayout(), Rope(INV_FREQ, 64), 0))
+    plan = Reposition(InfLLMLayout(), Rope(INV_FREQ, 64), 16)
+    fused, fused_lse = block_sparse_attention(q, k, v, sel, backend="cpu", reposition=plan)
+    gathered, gathered_lse = block_sparse_attention(q, k, v, sel, backend="gather", reposition=plan)
+    torch.testing.assert_close(fused, gathered, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_lse, gathered_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_dca_binds_its_sizes_to_the_trained_window_and_checks_them():
+    plan = Reposition(DualChunk(), Rope(INV_FREQ, 8192), 128)
+    assert (plan.policy.chunk_size, plan.policy.local_window, plan.policy.chunk_len) == (6144, 512, 5632)
+    with pytest.raises(ValueError, match="local_window .* must be smaller than chunk_size"):
+        DualChunk(chunk_size=64, local_window=64)
+    with pytest.raises(ValueError, match="below the model's trained window"):
+        Reposition(DualChunk(chunk_size=64), Rope(INV_FREQ, 64), 0)
+    q, k, v = (torch.randn(1, h, 64, D) for h in (2, 1, 1))
+    sel = Selection.from_mask(torch.ones(1, 2, 4, 4, dtype=torch.bool).tril(), 16, 16)
+    with pytest.raises(ValueError, match="multiple of the block size"):  # L = 40 - 4 = 36
+        block_sparse_attention(q, k, v, sel, reposition=Reposition(DualChunk(40, 4), Rope(INV_FREQ, 64), 0))
+
+
+def test_dca_distances_never_reach_the_chunk_size_at_any_length():
+    policy = DualChunk(chunk_size=40, local_window=8)
+    dist = [_virtual_distance(policy, i, j, [], 0, 8, 8) for i in range(0, 400, 7) for j in range(0, i + 1, 3)]
+    assert max(dist) <= 40 and min(dist) >= 0
 
 
 # ------------------------------------------------------------------------------------ reading the model
@@ -279,7 +313,7 @@ def test_full_budget_with_a_neutral_layout_equals_sdpa(policy, short_window_mode
                                atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("policy", ["longheads", "infllm", "self_extend"])
+@pytest.mark.parametrize("policy", ["longheads", "infllm", "self_extend", "dca"])
 def test_each_policy_changes_a_sparse_method_and_chunked_prefill_equals_one_shot(policy, short_window_model):
     import longattn
 

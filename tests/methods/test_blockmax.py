@@ -24,8 +24,23 @@ def test_scores_equal_a_loop_over_blocks_and_keys():
             qm = q[0, h, qb * 8 : (qb + 1) * 8].mean(0)
             for j in range(7):
                 keys = [t for t in range(j * 8, min(52, (j + 1) * 8)) if mask[0, t]]
-                want[0, h, qb, j] = max(float(qm @ k[0, h // 2, t]) for t in keys)
+                visible = j <= (32 + min(20, (qb + 1) * 8) - 1) // 8  # some query of the block sees block j
+                want[0, h, qb, j] = max(float(qm @ k[0, h // 2, t]) for t in keys) if visible else float("-inf")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_scores_equal_the_one_product_reference():
+    from longattn.methods.blockmax import pooled_max_scores, pooled_max_scores_reference
+
+    torch.manual_seed(3)
+    mean_q, k = torch.randn(2, 6, 9, 16), torch.randn(2, 3, 130, 16)
+    causal_hi = torch.tensor([0, 1, 3, 3, 5, 8, 8, 12, 16])  # non-decreasing, the last block seen by all
+    mask = torch.ones(2, 130, dtype=torch.bool)
+    mask[1, :21] = False  # left padding of the second row: blocks 0 and 1 all padding, block 2 partly
+    want = pooled_max_scores_reference(mean_q, k, 8, causal_hi, mask)
+    for chunk in (1, 6 * 130, 6 * 130 * 4, 1 << 23):  # one query block per chunk, two rows of 1, ..., all at once
+        torch.testing.assert_close(pooled_max_scores(mean_q, k, 8, causal_hi, mask, chunk), want)
+    assert torch.isinf(want[1, :, :, :2]).all() and torch.isfinite(want[1, :, 2:, 2]).all()
 
 
 def test_finds_the_block_whose_best_key_matches_where_the_mean_key_misses_it():

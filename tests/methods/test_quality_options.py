@@ -1,4 +1,5 @@
-"""The quality options every scored method takes: ``top_p``, ``exact_last`` and ``compensate``."""
+"""The quality options every scored method takes: ``top_p``, ``exact_last``, ``compensate``, ``min_layer_mass``
+and ``hidden_sinks``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tests.methods.helpers import select
 @pytest.mark.parametrize("config, match", [
     ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_p": True}, "top_p"), ({"top_p": "0.9"}, "top_p"),
     ({"exact_last": 1}, "exact_last"), ({"compensate": "yes"}, "compensate"),
+    ({"hidden_sinks": -1}, "hidden_sinks"), ({"hidden_sinks": 1.5}, "hidden_sinks"),
 ])
 def test_bad_options_are_refused(config, match):
     with pytest.raises(ValueError, match=match):
@@ -170,3 +172,32 @@ def test_a_layer_whose_budget_cannot_hold_the_mass_runs_dense_in_prefill_and_dec
     torch.testing.assert_close(always, dense, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(never, plain)
     assert (plain - dense).abs().max() > 1e-3
+
+
+def test_hidden_sinks_keep_the_block_far_attention_goes_to_everywhere_it_may_be_read():
+    q, k = _hidden_key_case()
+    base = dict(block_size=16, window=16, sink_tokens=0, top_k=1, query_block_size=16)
+    plain = select(longattn.get_method("moba", **base), q, k)
+    aware = select(longattn.get_method("moba", **base, hidden_sinks=1), q, k)
+    assert all(4 not in row for row in plain.indices[0, 0].tolist())
+    for row_plain, row_aware in zip(plain.indices[0, 0].tolist(), aware.indices[0, 0].tolist()):
+        assert set(row_plain) - {-1} <= set(row_aware)  # the rule's picks stay
+    # The last query block (whose rows read the needle, like the sampled rows inside it) keeps block 4; the
+    # first one was sampled only by rows that do not look at it, and a block never learns from later queries.
+    assert 4 in aware.indices[0, 0, -1].tolist()
+
+
+def test_hidden_sinks_found_in_the_prompt_are_kept_in_decode():
+    q, k = _hidden_key_case()
+    m = longattn.get_method("blockmax", block_size=16, window=16, sink_tokens=0, top_k=1, hidden_sinks=1)
+    memory: dict = {}
+    ctx = SelectionContext(kv_len=256, q_offset=224, layer=0, num_kv_heads=1, keys=k, memory=memory)
+    m.select(q, None, ctx)
+    k2 = torch.cat([k, torch.randn(1, 1, 1, 16) * 0.05], dim=2)  # decode opens block 16
+    q1 = torch.zeros(1, 1, 1, 16)
+    q1[..., 2] = 2.0  # a query orthogonal to the needle: nothing singles out block 4
+    ctx = SelectionContext(kv_len=257, q_offset=256, layer=0, num_kv_heads=1, keys=k2, memory=memory)
+    assert 4 in m.select(q1, None, ctx).indices[0, 0, 0].tolist()
+    fresh = SelectionContext(kv_len=257, q_offset=256, layer=0, num_kv_heads=1, keys=k2, memory={})
+    assert 4 not in longattn.get_method("blockmax", block_size=16, window=16, sink_tokens=0, top_k=1).select(
+        q1, None, fresh).indices[0, 0, 0].tolist()

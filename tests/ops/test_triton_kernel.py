@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from longattn.core.positions import LongHeadsLayout, Reposition, Rope
 from longattn.core.selection import Selection
 from longattn.ops import backend_function, block_sparse_attention, block_sparse_attention_naive
 from tests.ops.common import assert_matches_naive, full_selection, make_qkv, masked_dense, rel_rms
@@ -147,7 +148,8 @@ def test_bad_launch_geometry_raises():
     with pytest.raises(ValueError, match="num_splits"):
         sparse_attention_launch(q, k, v, sel, num_splits=0)
     with pytest.raises(ValueError, match="reposition= .* runs on backend 'auto', 'gather' or 'naive'"):
-        block_sparse_attention(q, k, v, sel, backend="triton", reposition=object())  # type: ignore[arg-type]
+        block_sparse_attention(q, k, v, sel, backend="triton", reposition=Reposition(  # moves single blocks
+            LongHeadsLayout(), Rope(torch.ones(d // 2), 1 << 20), 0))
 
 
 @requires_cuda

@@ -17,6 +17,16 @@ Policies (``Method.positions``):
   the local window.
 - ``self_extend`` (Self-Extend, https://arxiv.org/abs/2401.01325): far distances are grouped, ``d' = q // G -
   k // G + W - W // G`` with ``W`` the local window and ``G`` the group size; the window keeps exact distances.
+- ``dca`` (Dual Chunk Attention, ChunkLlama, https://arxiv.org/abs/2402.17463; the extension Qwen2.5-1M uses):
+  the sequence is cut into chunks of ``L = chunk_size - local_window`` tokens and every key sits at ``p mod L``;
+  a key of the query's own chunk keeps its exact distance, one of the previous chunk is read from query index
+  ``min(q mod L + L, chunk_size)``, any earlier one from ``min(2L - 1, chunk_size)``. No distance exceeds
+  ``chunk_size``, whatever the length.
+
+A policy whose near and far keys are told apart by whole key blocks of each query block (every policy but
+``longheads``, which moves blocks one by one) describes itself as :class:`Region` s: the operator then runs one
+exact pass per region through its fastest backend and merges them by log-sum-exp
+(:mod:`longattn.ops.block_sparse.regions`), so every pair is scored once.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from torch import Tensor
 from longattn.core.checks import check_int
 from longattn.core.pattern import window_first_block
 
-POLICIES = ("original", "longheads", "infllm", "self_extend")
+POLICIES = ("original", "longheads", "infllm", "self_extend", "dca")
 # RoPE variants whose encoding is a pure rotation by position x inv_freq (any static frequency rescaling is
 # already in the model's inv_freq). "dynamic" changes inv_freq with the sequence length and "longrope" keeps
 # two sets of frequencies, so a re-rotation with one inv_freq would be wrong for them.
@@ -114,6 +124,23 @@ class Rope:
 
 
 @dataclass(frozen=True)
+class Region:
+    """The selected key blocks ``[lo, hi)`` of each query block that are read with one set of positions.
+
+    Attributes:
+        lo, hi: ``[Qblk]`` int64 key-block bounds (``hi`` None: no upper bound).
+        query_shift: ``[Qblk, qbs]`` int64 shift of each query row's position when it reads this region, or
+            None (real positions).
+        moved_keys: whether keys are read with the policy's :meth:`PositionPolicy.token_shift`.
+    """
+
+    lo: Tensor
+    hi: Tensor | None
+    query_shift: Tensor | None
+    moved_keys: bool
+
+
+@dataclass(frozen=True)
 class PositionPolicy:
     """Base of the policies: how far keys are re-positioned (:meth:`token_shift`, :meth:`block_shift`,
     :meth:`query_shift`)."""
@@ -125,6 +152,10 @@ class PositionPolicy:
     methods that score rotatable summaries (moba, longheads, infllm); nearer blocks keep their real scores."""
 
     name: ClassVar[str] = ""
+    by_regions: ClassVar[bool] = True
+    """Whether :meth:`regions` describes the policy (the operator's region passes apply it)."""
+    by_gather: ClassVar[bool] = True
+    """Whether the gather path's near/far split applies it (``token_shift``, ``block_shift``, ``query_shift``)."""
 
     def __post_init__(self) -> None:
         if self.score_cap is not None:
@@ -151,12 +182,25 @@ class PositionPolicy:
         """Shift of the queries when they read far keys: ``rows [C, R]`` int64 positions -> ``[C, R]``, or None."""
         return None
 
+    def for_window(self, trained_window: int) -> "PositionPolicy":
+        """This policy with settings that default to a share of the model's trained window made concrete."""
+        return self
+
+    def regions(self, rows: Tensor, window: int, bs: int) -> list[Region] | None:
+        """The regions of :class:`Region` each query block's selection splits into, or None for a policy that
+        moves single blocks (only the gather path applies it). ``rows [Qblk, qbs]`` int64 positions of each
+        query block's rows. The default: the local window at real positions, everything before it far."""
+        lo = window_first_block(rows[:, 0], window, bs)
+        return [Region(lo, None, None, False),
+                Region(torch.zeros_like(lo), lo, self.query_shift(rows, lo, window, bs), True)]
+
 
 @dataclass(frozen=True)
 class Original(PositionPolicy):
     """No change: every key keeps its real position (what the model does without longattn)."""
 
     name: ClassVar[str] = "original"
+    by_regions: ClassVar[bool] = False  # nothing moves: the gather path applies it as it is
 
     @property
     def changes_positions(self) -> bool:
@@ -168,12 +212,16 @@ class LongHeadsLayout(PositionPolicy):
     """LongHeads: far blocks contiguous, in order, ending where the local window starts."""
 
     name: ClassVar[str] = "longheads"
+    by_regions: ClassVar[bool] = False
 
     def block_shift(self, idx: Tensor, far: Tensor, lo: Tensor, bs: int) -> Tensor | None:
         count = far.sum(dim=-1, keepdim=True)  # [B, H, C, 1]
         rank = far.cumsum(dim=-1) - 1  # order among the far blocks (indices are ascending)
         start = lo.view(1, 1, -1, 1) * bs - (count - rank) * bs  # where block rank r now starts
         return (start - idx * bs).unsqueeze(-1)
+
+    def regions(self, rows: Tensor, window: int, bs: int) -> list[Region] | None:
+        return None  # each far block moves by its rank among the selected ones: not one shift per region
 
 
 @dataclass(frozen=True)
@@ -214,8 +262,77 @@ class SelfExtend(PositionPolicy):
         return rows // g + (window - window // g) - rows
 
 
+@dataclass(frozen=True)
+class DualChunk(PositionPolicy):
+    """Dual Chunk Attention (ChunkLlama): chunk-local key positions, three query positions.
+
+    Chunks hold ``L = chunk_size - local_window`` tokens and a key at position ``p`` is seen at ``p mod L``. A
+    query at ``q`` reads the keys of its own chunk at ``q mod L`` (their exact distance), the previous chunk's
+    at ``min(q mod L + L, chunk_size)`` (successive-chunk: a query near the boundary keeps the real distance to
+    its neighbours) and every earlier chunk's at ``min(2L - 1, chunk_size)`` (inter-chunk). Distances stay below
+    ``chunk_size`` at any length. Positions depend on chunk membership, not on the method's window; the
+    method's selection decides which blocks are read, the policy only where they are seen.
+
+    Attributes:
+        chunk_size: ``s``; None: 3/4 of the model's trained window (the paper's setting).
+        local_window: ``w``; None: 1/16 of the trained window. ``L = s - w`` must be a multiple of the method's
+            block size and query block size, so no block straddles two chunks.
+    """
+
+    chunk_size: int | None = None
+    local_window: int | None = None
+    name: ClassVar[str] = "dca"
+    by_gather: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.chunk_size is not None:
+            check_int("chunk_size", self.chunk_size, 2)
+        if self.local_window is not None:
+            check_int("local_window", self.local_window, 0)
+        if self.chunk_size is not None and self.local_window is not None and self.local_window >= self.chunk_size:
+            raise ValueError(f"local_window ({self.local_window}) must be smaller than chunk_size ({self.chunk_size})")
+
+    def for_window(self, trained_window: int) -> "DualChunk":
+        chunk = self.chunk_size if self.chunk_size is not None else trained_window * 3 // 4
+        local = self.local_window if self.local_window is not None else trained_window // 16
+        if chunk >= trained_window:
+            raise ValueError(f"chunk_size ({chunk}) must be below the model's trained window ({trained_window})")
+        return DualChunk(chunk_size=chunk, local_window=local, score_cap=self.score_cap)
+
+    @property
+    def chunk_len(self) -> int:
+        if self.chunk_size is None or self.local_window is None:
+            raise ValueError("DualChunk's sizes are set from the model's trained window (for_window) first")
+        return self.chunk_size - self.local_window
+
+    def token_shift(self, pos: Tensor) -> Tensor | None:
+        return pos % self.chunk_len - pos
+
+    def query_shift(self, rows: Tensor, lo: Tensor, window: int, bs: int) -> Tensor | None:
+        raise ValueError("positions='dca' places queries by chunk, not by window: it runs through the region path "
+                         "(longattn.ops.block_sparse.regions), not the gather path's far/near split")
+
+    def regions(self, rows: Tensor, window: int, bs: int) -> list[Region] | None:
+        big, s = self.chunk_len, int(self.chunk_size)  # type: ignore[arg-type]
+        qbs = rows.shape[1]
+        if big % bs or big % qbs:
+            raise ValueError(f"positions='dca' needs chunk_size - local_window ({big}) to be a multiple of the block "
+                             f"size ({bs}) and of the query block size ({qbs}), so no block straddles two chunks")
+        chunk = rows[:, 0] // big  # [Qblk]; a query block sits inside one chunk (checked by the caller's offset)
+        if bool((rows[:, -1] // big != chunk).any()):
+            raise ValueError(f"positions='dca': a query block straddles a chunk boundary (chunks of {big} tokens); "
+                             f"prefill in chunks whose lengths are multiples of {qbs}")
+        per = big // bs
+        own, prev = chunk * per, (chunk - 1).clamp(min=0) * per
+        succ = torch.clamp(rows % big + big, max=s) - rows
+        inter = torch.full_like(rows, min(2 * big - 1, s)) - rows
+        return [Region(own, None, None, False), Region(prev, own, succ, True),
+                Region(torch.zeros_like(own), prev, inter, True)]
+
+
 _BY_NAME: dict[str, type[PositionPolicy]] = {
-    cls.name: cls for cls in (Original, LongHeadsLayout, InfLLMLayout, SelfExtend)}
+    cls.name: cls for cls in (Original, LongHeadsLayout, InfLLMLayout, SelfExtend, DualChunk)}
 
 
 def position_policy(spec: "str | PositionPolicy") -> PositionPolicy:
@@ -244,6 +361,10 @@ class Reposition:
     # a table lookup replaces a sine and a cosine per element (measured: the trigonometry cost as much as the
     # attention itself at 16k tokens).
     _table: dict[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Sizes a policy leaves to the model (DCA's chunk) are fixed once, here, from its trained window.
+        object.__setattr__(self, "policy", self.policy.for_window(self.rope.trained_window))
 
     def rotate(self, x: Tensor, delta: Tensor) -> Tensor:
         """Same contract as :func:`rotate` with this model's ``inv_freq``, from a cached table of integer shifts.

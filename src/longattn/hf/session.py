@@ -119,7 +119,7 @@ class Session:
                     f"method {self.method.name!r} adjusts attention outputs with keys at their real positions; "
                     f"it cannot be combined with positions={policy.name!r} (use positions='original')"
                 )
-            if self.backend not in REPOSITION_BACKENDS:
+            if not policy.by_regions and self.backend not in REPOSITION_BACKENDS:
                 raise ValueError(
                     f"positions={policy.name!r} runs on backend {', '.join(map(repr, REPOSITION_BACKENDS))} (only "
                     f"the PyTorch paths re-rotate keys), not {self.backend!r}"
@@ -135,7 +135,8 @@ class Session:
             self._step_cache.clear()
         self._step = (tq, tk, layer)
         if device_type not in self._backends:
-            self._backends[device_type] = resolve_backend(self.backend, device_type, self.reposition is not None)
+            self._backends[device_type] = resolve_backend(
+                self.backend, device_type, self.reposition is not None and not self.reposition.policy.by_regions)
         return self._backends[device_type]
 
     def attend(

@@ -62,27 +62,19 @@ class BlockMax(TopKMethod):
         k = self.raw_keys(ctx)
         b, hq, tq, d = q.shape
         hkv, tk, bs = k.shape[1], k.shape[2], self.block_size
-        nkb, nqb = -(-tk // bs), -(-tq // qbs)
+        nqb = -(-tq // qbs)
         sketch = self.key_sketch(k, ctx, tq)
         if sketch is not None and tq == 1:
             basis, projected = sketch  # [B, Hkv, D, r], [B, Hkv, Tk, r]
             g = group_queries(q, hkv)  # [B, Hkv, G, 1, D]
             scores = torch.einsum("bhgtr,bhkr->bhgtk", torch.einsum("bhgtd,bhdr->bhgtr", g, basis), projected)
-            return self._block_max(scores.reshape(b, hq, 1, tk), ctx, nkb)
+            return block_max(scores.reshape(b, hq, 1, tk), bs, ctx.key_mask)
         rows = torch.nn.functional.pad(q.float(), (0, 0, 0, nqb * qbs - tq)).view(b, hq, nqb, qbs, d)
         counts = torch.full((nqb,), qbs, device=q.device, dtype=torch.float32)
         counts[-1] = tq - (nqb - 1) * qbs
         mean_q = rows.sum(3) / counts.view(1, 1, -1, 1)  # [B, Hq, Qblk, D]; pad rows are zeros
-        scores = torch.einsum("bhgnd,bhtd->bhgnt", group_queries(mean_q, hkv), k.float())  # [B, Hkv, G, Qblk, Tk]
-        return self._block_max(scores.reshape(b, hq, nqb, tk), ctx, nkb)
-
-    def _block_max(self, scores: Tensor, ctx: SelectionContext, nkb: int) -> Tensor:
-        """Per-key scores ``[B, Hq, Qblk, Tk]`` -> the best of each key block ``[B, Hq, Qblk, Nblk]``."""
-        b, hq, nqb, tk = scores.shape
-        if ctx.key_mask is not None:  # a padding key never makes its block's maximum
-            scores = scores.masked_fill(~ctx.key_mask.view(b, 1, 1, tk), float("-inf"))
-        scores = torch.nn.functional.pad(scores, (0, nkb * self.block_size - tk), value=float("-inf"))
-        return scores.view(b, hq, nqb, nkb, self.block_size).amax(dim=-1)
+        causal_hi = self.pattern(tq, ctx, qbs).causal_hi
+        return pooled_max_scores(mean_q, k, bs, causal_hi, ctx.key_mask)
 
     def key_sketch(self, k: Tensor, ctx: SelectionContext, tq: int) -> tuple[Tensor, Tensor] | None:
         """``(basis [B, Hkv, D, r], projected keys [B, Hkv, Tk, r])`` float32 for decode, kept in ``ctx.memory``:
@@ -116,3 +108,71 @@ class BlockMax(TopKMethod):
             store[:, :, done:tk] = k[:, :, done:tk].float() @ basis
         memory["sketch"] = (basis, store, tk)
         return basis, store[:, :, :tk]
+
+
+def block_max(scores: Tensor, block_size: int, key_mask: Tensor | None) -> Tensor:
+    """Per-key scores ``[B, H, R, Tk]`` -> the best score of each key block ``[B, H, R, Nblk]``; padding keys
+    (``key_mask [B, Tk]`` False) never make a block's maximum (a block of padding only scores -inf)."""
+    b, h, r, tk = scores.shape
+    nkb = -(-tk // block_size)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask.view(b, 1, 1, tk), float("-inf"))
+    if tk % block_size:  # only a partial last block needs padding (a copy of every score)
+        scores = torch.nn.functional.pad(scores, (0, nkb * block_size - tk), value=float("-inf"))
+    return scores.view(b, h, r, nkb, block_size).amax(dim=-1)
+
+
+def pooled_max_scores(
+    mean_q: Tensor, k: Tensor, block_size: int, causal_hi: Tensor, key_mask: Tensor | None = None,
+    chunk_elements: int = 1 << 23,
+) -> Tensor:
+    """The best ``q̄ · k`` of every key block for every query block, in chunks of query blocks.
+
+    Each chunk multiplies its mean queries only with the keys its query blocks can see (up to the last
+    chunk's ``causal_hi``: about half the products of the full ``Qblk x Tk`` product over a prompt) and keeps
+    at most ``chunk_elements`` per-key scores alive, so memory stays linear in the context (the full product
+    is ``Tq x Tk / 16`` floats per head: 0.6 GB a layer at 16k). Blocks past a query block's ``causal_hi``
+    score -inf: no query of the block may see them.
+
+    Args:
+        mean_q: ``[B, Hq, Qblk, D]`` float32, each query block's mean query.
+        k: ``[B, Hkv, Tk, D]`` keys (any float dtype; scored in float32).
+        causal_hi: ``[Qblk]`` the last key block any query of each query block sees.
+        key_mask: ``[B, Tk]`` bool, False at padding keys; None when every key is valid.
+
+    Returns:
+        ``[B, Hq, Qblk, Nblk]`` float32.
+    """
+    b, hq, nqb, d = mean_q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    nkb = -(-tk // block_size)
+    keys = k.float()
+    out = torch.full((b, hq, nqb, nkb), float("-inf"), device=mean_q.device)
+    hi = [int(x) for x in causal_hi.tolist()]
+    step = max(1, chunk_elements // max(1, b * hq * tk))
+    for start in range(0, nqb, step):
+        stop = min(nqb, start + step)
+        blocks = min(nkb, max(hi[start:stop]) + 1)  # causal_hi is non-decreasing over query blocks
+        limit = min(tk, blocks * block_size)
+        n = stop - start
+        # The GQA group's queries stacked as rows of one product per KV head: a broadcast over the group would
+        # copy K once per query head.
+        g = group_queries(mean_q[:, :, start:stop], hkv).reshape(b, hkv, -1, d)  # [B, Hkv, G * n, D]
+        scores = g @ keys[:, :, :limit].transpose(-1, -2)  # [B, Hkv, G * n, limit]
+        mask = None if key_mask is None else key_mask[:, :limit]
+        out[:, :, start:stop, :blocks] = block_max(scores.view(b, hq, n, limit), block_size, mask)
+    rows = torch.arange(nkb, device=mean_q.device).view(1, 1, 1, -1) > causal_hi.view(1, 1, -1, 1).to(mean_q.device)
+    return out.masked_fill(rows, float("-inf"))
+
+
+def pooled_max_scores_reference(
+    mean_q: Tensor, k: Tensor, block_size: int, causal_hi: Tensor, key_mask: Tensor | None = None,
+    chunk_elements: int = 1 << 23,
+) -> Tensor:
+    """:func:`pooled_max_scores` in one product over every key (``Tq x Tk / qbs`` floats per head): the plain
+    definition the chunked path is tested against. Same arguments and result."""
+    b, hq, nqb, _ = mean_q.shape
+    scores = torch.einsum("bhgnd,bhtd->bhgnt", group_queries(mean_q, k.shape[1]), k.float())
+    best = block_max(scores.reshape(b, hq, nqb, k.shape[2]), block_size, key_mask)
+    beyond = torch.arange(best.shape[-1], device=best.device).view(1, 1, 1, -1) > causal_hi.view(1, 1, -1, 1)
+    return best.masked_fill(beyond, float("-inf"))

@@ -5,11 +5,11 @@ is not per query token); pooling over a query block, eligibility and the top-k a
 score is one the fused Triton kernel computes, the class says so with ``fused_score`` and, on backend
 "triton", selection runs fused (:func:`longattn.ops.block_topk.block_topk`).
 
-Four quality mechanisms are options of every scored method (off by default, like ``positions``):
+Five quality mechanisms are options of every scored method (off by default, like ``positions``):
 ``top_p`` (an adaptive budget: the fewest blocks whose estimated mass reaches p), ``exact_last`` (the step's
 last query block selects by its exact attention mass), ``compensate`` (every block left out enters once as
-its summary token, :mod:`longattn.ops.summary_attention`) and ``min_layer_mass`` (a layer whose budget cannot
-hold the mass runs dense).
+its summary token, :mod:`longattn.ops.summary_attention`), ``min_layer_mass`` (a layer whose budget cannot
+hold the mass runs dense) and ``hidden_sinks`` (the blocks that draw far attention are kept everywhere).
 """
 
 from __future__ import annotations
@@ -54,6 +54,12 @@ class TopKMethod(Method):
     query rows, ``O(16 x Tk)`` per head) runs dense for that step and the decode steps after it. On the
     default model the first layers spread attention too widely for any 10% selection (docs/results/quality.md).
     None: every layer selects."""
+    hidden_sinks: int = 0
+    """Sink-aware selection: at each prompt step, per head, the ``hidden_sinks`` key blocks (beyond the sinks
+    and each row's window) that draw the most attention from 16 sampled query rows (exact attention of those
+    rows, ``O(16 x Tk)`` per head) join every query block's selection that may read them, at this step and the
+    decode steps after it, on top of ``top_k``. On the default model layers 3-8 put much of their attention on
+    such tokens spread through the text (docs/results/heads.md), which no query-block rule ranks first. 0: off."""
     compensate: bool = False
     """Every key block the selection leaves out still enters each query's softmax once, as one token with the
     block's mean key (plus ``log(count)``) and mean value, merged by log-sum-exp: ``O(Tk / block_size)`` more
@@ -69,6 +75,7 @@ class TopKMethod(Method):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("top_k", self.top_k, 0)
+        check_int("hidden_sinks", self.hidden_sinks, 0)
         if not isinstance(self.share_kv_heads, bool):
             raise ValueError(f"share_kv_heads must be a bool, got {self.share_kv_heads!r}")
         for name in ("exact_last", "compensate"):
@@ -103,7 +110,46 @@ class TopKMethod(Method):
             selection = super().select(q, summaries, ctx)
         if self.exact_last and q.shape[2] > 1:
             selection = self.exact_last_block(q, selection, ctx)
+        if self.hidden_sinks > 0 and not selection.all_dense:
+            selection = self.with_hidden_sinks(q, selection, ctx)
         return selection
+
+    def with_hidden_sinks(self, q: Tensor, selection: Selection, ctx: SelectionContext) -> Selection:
+        """``selection`` plus each head's hidden sink blocks (see ``hidden_sinks``) wherever a query block may
+        retrieve them. ``q [B, Hq, Tq, D]`` -> Selection.
+
+        Causal: a query block takes the sinks found by the sampled rows at or before its own last row (their
+        accumulated mass), never from later queries. The sinks of the step's last rows are kept in
+        ``ctx.memory`` for the decode steps after it (a decode step without them finds them from its query)."""
+        b, hq, tq, d = q.shape
+        memory = ctx.memory if ctx.memory is not None else {}
+        qbs = selection.query_block_size
+        pattern = self.pattern(tq, ctx, qbs)
+        nkb, nqb = pattern.num_kv_blocks, pattern.num_q_blocks
+        found = memory.get("hidden_sinks")
+        if tq > 1 or found is None:
+            rows = sample_positions(tq, 16, q.device)  # ascending
+            probs = sampled_attention(q, self.raw_keys(ctx), ctx.softmax_scale(d), rows, ctx.key_mask)
+            mass = block_sums(probs, self.block_size)  # [B, Hq, n, Nblk]
+            static = pattern.static_mask()[:, :, rows // qbs]  # each sampled row's own sinks and window
+            mass = mass.masked_fill(static, 0.0).cumsum(2)  # [B, Hq, n, Nblk]: rows up to each one
+            top = mass.topk(min(self.hidden_sinks, nkb), dim=-1)
+            states = torch.zeros(b, hq, mass.shape[2] + 1, nkb, dtype=torch.bool, device=q.device)
+            states[:, :, 1:].scatter_(-1, top.indices, top.values > 0)  # state 0: no row sampled yet
+            last_row = torch.clamp((torch.arange(nqb, device=q.device) + 1) * qbs, max=tq) - 1
+            seen = torch.searchsorted(rows, last_row, right=True)  # [Qblk] sampled rows at or before it
+            found_blocks = states[:, :, seen]  # [B, Hq, Qblk, Nblk]
+            if tq > 1:
+                memory["hidden_sinks"] = states[:, :, -1]
+        else:
+            if found.shape[-1] < nkb:  # decode has opened a new block since the prompt: never a hidden sink
+                found = torch.nn.functional.pad(found, (0, nkb - found.shape[-1]))
+            found_blocks = found.unsqueeze(2)
+        if selection.num_heads != hq:  # share_kv_heads: the KV head keeps any of its query heads' sinks
+            found_blocks = found_blocks.view(b, selection.num_heads, -1, *found_blocks.shape[2:]).any(2)
+        static = pattern.static_mask()
+        mask = selection.to_mask(nkb) | (found_blocks & pattern.eligible_mask(static))
+        return Selection.from_mask(mask, qbs, self.block_size, selection.dense_heads)
 
     def layer_is_spread(self, q: Tensor, ctx: SelectionContext) -> bool:
         """Whether this layer runs dense under ``min_layer_mass``: decided at each prompt step from sampled

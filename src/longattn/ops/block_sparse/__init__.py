@@ -37,11 +37,13 @@ from longattn.ops.block_sparse.native import (
     native_available,
     native_unavailable_reason,
 )
+from longattn.ops.block_sparse.regions import regioned_attention
 from longattn.ops.triton_utils import check_triton_runs, triton_available, triton_interpreted
 
 BACKENDS = ("auto", "gather", "cpu", "native", "triton", "flex", "naive")
 REPOSITION_BACKENDS = ("auto", "gather", "naive")
-"""The backends that apply a position policy (``reposition=``): the PyTorch paths."""
+"""The backends that apply a position policy that moves single blocks (``longheads``): the PyTorch paths. Every
+other policy runs as exact region passes on any backend (:mod:`longattn.ops.block_sparse.regions`)."""
 RENAMED_BACKENDS = {"reference": "gather"}
 """Old backend names -> their current ones (passing an old one raises and names the new one)."""
 
@@ -60,7 +62,8 @@ def resolve_backend(backend: str, device_type: str, reposition: bool = False) ->
     """The backend "auto" stands for on ``device_type``; a forced backend that cannot run raises.
 
     Args:
-        reposition: whether a position policy re-rotates keys (only ``REPOSITION_BACKENDS`` implement that).
+        reposition: whether a position policy moves single blocks (only ``REPOSITION_BACKENDS`` implement that;
+            policies made of regions run on every backend).
     """
     check_backend(backend)
     if backend == "auto":
@@ -127,7 +130,10 @@ def block_sparse_attention(
             "naive" (the plain definition, slow) or "auto" (triton on CUDA when installed, native on a CPU where
             it builds, else gather). A forced backend that cannot run here raises.
         reposition: a position policy bound to the model's RoPE (context extension), see
-            :func:`~longattn.ops.block_sparse.naive.block_sparse_attention_naive`; runs on "gather" (also for
+            :func:`~longattn.ops.block_sparse.naive.block_sparse_attention_naive`. A policy made of regions
+            (self_extend, infllm, dca) runs as one pass of the backend per region, merged exactly
+            (:func:`~longattn.ops.block_sparse.regions.regioned_attention`); "gather" and "naive" named
+            explicitly keep their own policy code (the references). ``longheads`` runs on "gather" (also for
             "auto") or "naive".
 
     Heads with ``selection.dense_heads`` True run through dense SDPA (whole GQA groups when H == Hkv, each
@@ -140,7 +146,15 @@ def block_sparse_attention(
         ``out [B, Hq, Tq, D]`` and ``lse [B, Hq, Tq]`` float32. See
         :func:`~longattn.ops.block_sparse.naive.block_sparse_attention_naive` for the full contract.
     """
-    chosen = resolve_backend(backend, q.device.type, reposition is not None)
+    policy = None if reposition is None else reposition.policy
+    regions = policy is not None and policy.by_regions and not (policy.by_gather and backend in ("gather", "naive"))
+    chosen = resolve_backend(backend, q.device.type, reposition is not None and not regions)
+    if regions:
+        if not causal:
+            raise ValueError("reposition= (a position policy) re-encodes distances to earlier keys; it needs "
+                             "causal=True")
+        offset = check_inputs(q, k, v, selection, key_mask, q_offset, validate_selection=False)
+        return regioned_attention(q, k, v, selection, scale, key_mask, offset, reposition, backend_function(chosen))
     if reposition is not None:
         op = block_sparse_attention_naive if chosen == "naive" else block_sparse_attention_gather
         return op(q, k, v, selection, scale, causal=causal, key_mask=key_mask, q_offset=q_offset,
