@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import longattn
 from longattn.bench.report import write_report
 from longattn.bench.runner import parse_lengths, run_sweep
-from longattn.core.positions import POLICIES, SelfExtend
+from longattn.core.positions import POLICIES, DualChunk, SelfExtend
 from longattn.hf import DEFAULT_GGUF
 
 # passkey has only repeated filler; niah_single reads natural English (pydoc_data prose), the harder haystack.
@@ -45,6 +45,14 @@ def configs() -> dict[str, longattn.Method]:
     # Self-Extend itself: every key, a 1,024-token neighbour window at exact distances, the rest grouped by 4
     # (covers 4 x (8,192 - 1,024) = 28k tokens).
     out["dense/self_extend"] = longattn.get_method("dense", window=1024, positions=SelfExtend(group_size=4))
+    # Wider exact windows and larger groups (each label: window W, group G; G x (8,192 - W) must cover the prompt).
+    for w, g in ((2048, 4), (4096, 4), (1024, 8), (2048, 8)):
+        out[f"dense/self_extend_w{w}_g{g}"] = longattn.get_method("dense", window=w, positions=SelfExtend(group_size=g))
+    # Dual Chunk Attention over every key, the paper's sizes for an 8k window (chunks of 6,144 - 512 tokens),
+    # and a longer local window.
+    out["dense/dca"] = longattn.get_method("dense", positions="dca")
+    out["dense/dca_w1024"] = longattn.get_method("dense", positions=DualChunk(chunk_size=6144, local_window=1024))
+    out["dense/dca_c7168"] = longattn.get_method("dense", positions=DualChunk(chunk_size=7168, local_window=1024))
     # The best sparse setting we tried at 16k (still wrong there): moba with a wide budget under Self-Extend.
     out["moba/self_extend_wide"] = longattn.get_method("moba", window=1024, top_k=128,
                                                        positions=SelfExtend(group_size=4))

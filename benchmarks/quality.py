@@ -45,7 +45,7 @@ def configs(length: int, decode_rank: int | None = 16) -> dict[str, Callable[[],
     sketch = dict(decode_rank=decode_rank)
 
     def moba(**extra: Any) -> Callable[[], longattn.Method]:
-        return lambda: longattn.get_method("moba", **common, **extra)
+        return lambda: longattn.get_method("moba", **{**common, **extra})
 
     return {
         "dense": lambda: longattn.get_method("dense"),
@@ -63,6 +63,10 @@ def configs(length: int, decode_rank: int | None = 16) -> dict[str, Callable[[],
         "blockmax+layers": lambda: longattn.get_method("blockmax", **common, **sketch, min_layer_mass=0.75),
         "blockmax+layers+compensate": lambda: longattn.get_method("blockmax", **common, **sketch, min_layer_mass=0.75,
                                                                   compensate=True),
+        # Sink-aware: 2 of the budget's blocks go to each head's hidden sinks (top_k lowered by as many).
+        "blockmax+sinks": lambda: longattn.get_method("blockmax", **{**common, "top_k": max(1, top_k - 2)}, **sketch,
+                                                      hidden_sinks=2),
+        "moba+sinks": moba(hidden_sinks=2, top_k=max(1, top_k - 2)),
         "quest": lambda: longattn.get_method("quest", **common),
         "quest+exact_last": lambda: longattn.get_method("quest", **common, exact_last=True),
         "snapkv": lambda: longattn.get_method("snapkv", sink_tokens=SINKS, window=window,

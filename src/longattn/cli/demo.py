@@ -25,7 +25,7 @@ def demo(
     extension: bool = typer.Option(False, "--extension", help="Past the trained window: positions re-encoded."),
     method: Optional[str] = typer.Option(None, help=f"Method against dense (default {DEMO_METHOD}; "
                                                      f"{EXTENSION_METHOD} with --extension)."),
-    positions: str = typer.Option(DEMO_POSITIONS, help="--extension: original, longheads, infllm, self_extend."),
+    positions: str = typer.Option(DEMO_POSITIONS, help="--extension: original, longheads, infllm, self_extend, dca."),
     group_size: int = typer.Option(DEMO_GROUP, min=1, help="--extension: Self-Extend's group size."),
     set_: list[str] = typer.Option([], "--set", help="Method option as key=value (e.g. top_k=16); repeatable."),
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),

@@ -6,8 +6,10 @@ The token of block ``j`` has the block's mean key and mean value and enters the 
 Landmark Attention's block tokens and RazorAttention's compensation token are special cases. The result is an
 ``(out, lse)`` pair that :func:`~longattn.ops.merge.merge_attention` adds exactly to the selected part.
 
-The work is ``O(Tq x Nblk x D)`` (a sixteenth of dense attention with 16-token blocks) and the memory one chunk of
-``[B, Hq, rows, Nblk]`` scores: no ``[Tq, Tk]`` matrix is built.
+The work is ``O(Tq x Nblk x D)`` over the blocks each chunk of query blocks can see (a 32nd of dense attention
+with 16-token blocks: causal) and the memory one chunk of ``[B, Hq, rows, Nblk]`` scores: no ``[Tq, Tk]`` matrix
+is built. Each chunk is two matrix products per KV head (its GQA group's rows stacked) and five passes over
+its scores; the selected blocks leave the softmax by a scatter of their ids, not a mask.
 """
 
 from __future__ import annotations
@@ -59,34 +61,54 @@ def summary_attention(
     """
     _check(q, k_means, v_means, counts, selected, qbs)
     b, hq, tq, d = q.shape
-    hkv, nkb = k_means.shape[1], k_means.shape[2]
+    hkv, nkb, dv = k_means.shape[1], k_means.shape[2], v_means.shape[-1]
     g, hs = hq // hkv, selected.shape[1]
-    log_n = torch.where(counts > 0, counts.float().log(), float("-inf")).view(b, 1, 1, nkb)
-    # A block enters a row's softmax only when the row sees all of it: its last key is at or before the row.
-    block_end = (torch.arange(nkb, device=q.device) + 1) * block_size - 1  # [Nblk]
-    out = torch.zeros(b, hq, tq, v_means.shape[-1], dtype=torch.float32, device=q.device)
-    lse = torch.full((b, hq, tq), float("-inf"), dtype=torch.float32, device=q.device)
-    rows_per = max(qbs, (_CHUNK_ELEMENTS // max(1, b * hq * nkb)) // qbs * qbs)
-    km = k_means.float()
-    for r0 in range(0, tq, rows_per):
-        r1 = min(tq, r0 + rows_per)
-        qc = q[:, :, r0:r1].float().view(b, hkv, g, r1 - r0, d)
-        s = torch.einsum("bkgrd,bknd->bkgrn", qc, km).reshape(b, hq, r1 - r0, nkb) * scale + log_n
-        pos = q_offset + torch.arange(r0, r1, device=q.device)
-        visible = block_end.view(1, -1) <= pos.view(-1, 1)  # [rows, Nblk]
-        # Only this chunk's query blocks become masks: a whole [Qblk, Nblk] mask grows as T^2.
-        ids = selected[:, :, r0 // qbs : -(-r1 // qbs)].long()
-        ex = torch.zeros(*ids.shape[:3], nkb + 1, dtype=torch.bool, device=q.device)
-        ex.scatter_(-1, torch.where(ids >= 0, ids, nkb), True)
-        ex = ex[..., :nkb].repeat_interleave(hq // hs, dim=1)
-        rows_ex = ex[:, :, torch.arange(r0, r1, device=q.device) // qbs - r0 // qbs]  # [B, Hq, rows, Nblk]
-        s = s.masked_fill(rows_ex | ~visible, float("-inf"))
-        row_lse = torch.logsumexp(s, dim=-1)  # [B, Hq, rows]
-        safe = torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))
-        p = torch.exp(s - safe.unsqueeze(-1)).view(b, hkv, g, r1 - r0, nkb)
-        out[:, :, r0:r1] = torch.einsum("bkgrn,bknd->bkgrd", p, v_means.float()).reshape(b, hq, r1 - r0, -1)
-        lse[:, :, r0:r1] = row_lse
-    return out.to(q.dtype), lse
+    nqb = -(-tq // qbs)
+    dev = q.device
+    log_n = torch.where(counts > 0, counts.float().log(), float("-inf"))  # [B, Nblk]
+    # Zero rows padded to whole query blocks, the scale folded into q once.
+    qf = torch.nn.functional.pad(q.float() * scale, (0, 0, 0, nqb * qbs - tq))  # [B, Hq, Qblk * qbs, D]
+    out = torch.zeros(b, hq, nqb * qbs, dv, dtype=torch.float32, device=dev)
+    lse = torch.full((b, hq, nqb * qbs), float("-inf"), dtype=torch.float32, device=dev)
+    per = max(1, _CHUNK_ELEMENTS // max(1, b * hq * qbs * (nkb + 1)))  # query blocks per chunk
+    for c0 in range(0, nqb, per):
+        c1 = min(nqb, c0 + per)
+        r0, r1 = c0 * qbs, c1 * qbs
+        last = q_offset + min(r1, tq) - 1
+        # Blocks the chunk's last real row sees in full: block j iff (j + 1) * block_size - 1 <= its position.
+        lim = min(nkb, (last + 1) // block_size)
+        if lim == 0:
+            continue
+        rows, c = r1 - r0, c1 - c0
+        # One extra zero key / value column: the slot every padding id of ``selected`` points at.
+        km = torch.nn.functional.pad(k_means[:, :, :lim].float(), (0, 0, 0, 1))
+        vm = torch.nn.functional.pad(v_means[:, :, :lim].float(), (0, 0, 0, 1))
+        qc = qf[:, :, r0:r1].reshape(b, hkv, g * rows, d)
+        s = (qc @ km.transpose(-1, -2)).view(b, hq, rows, lim + 1)  # GQA group stacked: no K copy per head
+        s[..., :lim] += log_n[:, None, None, :lim]
+        ids = selected[:, :, c0:c1].long()
+        ids = torch.where((ids >= 0) & (ids < lim), ids, lim)
+        if hs != hq:
+            ids = ids.repeat_interleave(hq // hs, dim=1)
+        # The chunk's selected blocks (and the spare column) leave its softmax: a scatter over S ids per
+        # query block, not a [rows, Nblk] mask.
+        s.view(b, hq, c, qbs, lim + 1).scatter_(-1, ids.unsqueeze(3).expand(-1, -1, -1, qbs, -1), float("-inf"))
+        s[..., lim] = float("-inf")
+        # Near the diagonal an earlier row of the chunk sees fewer whole blocks than its last row.
+        first_full = (q_offset + r0 + 1) // block_size
+        if first_full < lim:
+            pos = q_offset + torch.arange(r0, r1, device=dev)
+            cols = torch.arange(first_full, lim, device=dev)
+            hidden = (cols.view(1, -1) + 1) * block_size - 1 > pos.view(-1, 1)  # [rows, cols]
+            s[..., first_full:lim].masked_fill_(hidden, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        s.sub_(m).exp_()
+        total = s.sum(-1)  # [B, Hq, rows]
+        o = (s.view(b, hkv, g * rows, lim + 1) @ vm).view(b, hq, rows, dv)
+        out[:, :, r0:r1] = o / total.clamp(min=1e-30).unsqueeze(-1)
+        lse[:, :, r0:r1] = torch.where(total > 0, m.squeeze(-1) + total.log(), float("-inf"))
+    return out[:, :, :tq].to(q.dtype), lse[:, :, :tq]
 
 
 def summary_attention_naive(
