@@ -324,6 +324,27 @@ def test_each_policy_changes_a_sparse_method_and_chunked_prefill_equals_one_shot
     torch.testing.assert_close(_logits(short_window_model, PROMPT, moved, chunk=128), one_shot, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("policy", ["infllm", "self_extend"])
+def test_region_passes_in_a_model_equal_the_gather_path_in_chunks_and_decode(policy, short_window_model):
+    """The session's region passes (native where it builds, moved keys kept between steps and extended by each
+    step's new keys) against the gather path's policy code, which rotates everything at every step."""
+    import longattn
+
+    method = longattn.get_method("moba", block_size=16, top_k=4, window=32, positions=policy)
+    fast = _logits(short_window_model, PROMPT, method, chunk=128)
+    out = []
+    with torch.no_grad(), longattn.apply(short_window_model, method, backend="gather"):
+        cache = None
+        for first in range(0, PROMPT.shape[1], 128):
+            res = short_window_model(PROMPT[:, first : first + 128], past_key_values=cache, use_cache=True)
+            cache = res.past_key_values
+        for _ in range(3):
+            out.append(res.logits[:, -1])
+            res = short_window_model(res.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+            cache = res.past_key_values
+    torch.testing.assert_close(fast, torch.cat(out), atol=1e-4, rtol=1e-4)
+
+
 def test_dense_with_a_policy_runs_through_the_operator(short_window_model):
     """Dense + self_extend is Self-Extend itself: grouped far distances, exact local ones (not SDPA)."""
     import longattn

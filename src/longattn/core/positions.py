@@ -425,10 +425,10 @@ class Reposition:
         moved_s = self.rotate(summaries, (-centre).view(1, 1, nblk, 1).expand(1, 1, nblk, summaries.shape[3]))
         return torch.where(far, score(moved_q, moved_s), scores)
 
-    def shifted_keys(self, k: Tensor) -> Tensor | None:
-        """``k [B, Hkv, Tk, D]`` with the policy's per-token shift applied to every key (far keys are gathered
-        from it), or None when the policy has no per-token shift."""
-        positions = torch.arange(k.shape[2], device=k.device)
+    def shifted_keys(self, k: Tensor, start: int = 0) -> Tensor | None:
+        """``k [B, Hkv, Tk, D]`` (the keys at positions ``start ..``) with the policy's per-token shift applied
+        to every key (far keys are gathered from it), or None when the policy has no per-token shift."""
+        positions = start + torch.arange(k.shape[2], device=k.device)
         shift = self.policy.token_shift(positions)
         return None if shift is None else self.rotate(k, shift)
 

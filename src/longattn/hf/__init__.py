@@ -195,7 +195,7 @@ class apply:  # noqa: N801 - used as a context manager, reads like a function: `
         # A backend that cannot run on the model's device fails here, before any forward pass.
         params = next(iter(model.parameters()), None)
         if params is not None:
-            resolve_backend(backend, params.device.type, self.session.reposition is not None)
+            resolve_backend(backend, params.device.type, self.session.moves_single_blocks)
         self._previous: str | None = None
         self._modules: list[Any] = []
 

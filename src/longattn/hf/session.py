@@ -126,6 +126,12 @@ class Session:
                 )
             self.reposition = Reposition(policy, self.rope, self.method.window)
 
+    @property
+    def moves_single_blocks(self) -> bool:
+        """Whether the position policy moves far blocks one by one (``longheads``), which only the PyTorch
+        backends apply; every other policy runs as region passes on any backend."""
+        return self.reposition is not None and not self.reposition.policy.by_regions
+
     def _begin(self, layer: int, tq: int, tk: int, device_type: str) -> str:
         """Start a new forward step when this call is not the next layer of the current one; returns the
         step's resolved backend. A step is one model forward: every layer sees the same ``(Tq, Tk)``, and the
@@ -135,8 +141,7 @@ class Session:
             self._step_cache.clear()
         self._step = (tq, tk, layer)
         if device_type not in self._backends:
-            self._backends[device_type] = resolve_backend(
-                self.backend, device_type, self.reposition is not None and not self.reposition.policy.by_regions)
+            self._backends[device_type] = resolve_backend(self.backend, device_type, self.moves_single_blocks)
         return self._backends[device_type]
 
     def attend(
@@ -167,6 +172,7 @@ class Session:
         selection = self.method.select(self._selecting_queries(q, key_mask, tk), summaries, ctx)
         out, lse = block_sparse_attention(
             q, k, v, selection, scale, causal=True, key_mask=key_mask, backend=backend, reposition=self.reposition,
+            moved_keys=self._moved_keys(k, ctx.memory, tq),
         )
         if self.method.adjusts_output:
             out = self.method.adjust_output(out, lse, q, k, v, selection, ctx, scale)
@@ -189,6 +195,34 @@ class Session:
             memory.clear()
         memory["_kv_len"] = tk
         return memory
+
+    def _moved_keys(self, k: Tensor, memory: dict[str, Any] | None, tq: int) -> Tensor | None:
+        """``k [B, Hkv, Tk, D]`` with the position policy's per-token shift, for the region passes: kept per
+        layer in a buffer with headroom, so a step rotates only its own new keys (rotating the whole cache each
+        decode step cost more than the attention). None without a region policy or a per-token shift."""
+        policy = None if self.reposition is None else self.reposition.policy
+        if policy is None or not policy.by_regions or memory is None:
+            return None
+        if policy.by_gather and self.backend in ("gather", "naive"):  # the operator's own policy code runs
+            return None
+        b, h, tk, d = k.shape
+        entry = memory.get("_moved_keys")
+        if entry is None or entry[0].shape[:2] != (b, h) or entry[0].dtype != k.dtype or entry[1] != tk - tq:
+            moved = self.reposition.shifted_keys(k)
+            if moved is None:
+                return None
+            buf = torch.empty(b, h, tk + max(256, tk // 32), d, dtype=k.dtype, device=k.device)
+            buf[:, :, :tk] = moved
+        else:
+            buf, done = entry
+            if tk > buf.shape[2]:  # out of headroom: grow by a margin, not per token
+                grown = torch.empty(b, h, tk + max(256, tk // 32), d, dtype=k.dtype, device=k.device)
+                grown[:, :, :done] = buf[:, :, :done]
+                buf = grown
+            moved = self.reposition.shifted_keys(k[:, :, done:tk], start=done)
+            buf[:, :, done:tk] = moved
+        memory["_moved_keys"] = (buf, tk)
+        return buf[:, :, :tk]
 
     def reset_memory(self) -> None:
         """Forget what methods remembered between steps (``apply`` calls it on exit)."""

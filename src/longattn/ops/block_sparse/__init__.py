@@ -119,6 +119,7 @@ def block_sparse_attention(
     q_offset: int | None = None,
     backend: str = "auto",
     reposition: Reposition | None = None,
+    moved_keys: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of each query block over its selected key blocks.
 
@@ -135,6 +136,8 @@ def block_sparse_attention(
             (:func:`~longattn.ops.block_sparse.regions.regioned_attention`); "gather" and "naive" named
             explicitly keep their own policy code (the references). ``longheads`` runs on "gather" (also for
             "auto") or "naive".
+        moved_keys: for a policy made of regions, ``reposition.shifted_keys(k)`` kept by the caller between
+            steps (the session does); ignored otherwise.
 
     Heads with ``selection.dense_heads`` True run through dense SDPA (whole GQA groups when H == Hkv, each
     query head with its KV head when H == Hq), the others through the backend; their ``lse`` is NaN, since
@@ -154,7 +157,8 @@ def block_sparse_attention(
             raise ValueError("reposition= (a position policy) re-encodes distances to earlier keys; it needs "
                              "causal=True")
         offset = check_inputs(q, k, v, selection, key_mask, q_offset, validate_selection=False)
-        return regioned_attention(q, k, v, selection, scale, key_mask, offset, reposition, backend_function(chosen))
+        return regioned_attention(q, k, v, selection, scale, key_mask, offset, reposition, backend_function(chosen),
+                                  moved_keys)
     if reposition is not None:
         op = block_sparse_attention_naive if chosen == "naive" else block_sparse_attention_gather
         return op(q, k, v, selection, scale, causal=causal, key_mask=key_mask, q_offset=q_offset,

@@ -45,7 +45,7 @@ def region_selection(selection: Selection, region: Region) -> Selection | None:
 
 def regioned_attention(
     q: Tensor, k: Tensor, v: Tensor, selection: Selection, scale: float | None, key_mask: Tensor | None,
-    q_offset: int, reposition: Reposition, op: Operator,
+    q_offset: int, reposition: Reposition, op: Operator, moved_keys: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Block-sparse attention under ``reposition`` as one ``op`` pass per region of its policy.
 
@@ -54,6 +54,8 @@ def regioned_attention(
         selection: ``[B, H, Qblk, S]`` the blocks each query block reads (``dense_heads`` ignored).
         op: a block-sparse operator with :func:`~longattn.ops.block_sparse.block_sparse_attention`'s
             signature (without ``reposition``), e.g. the native or naive backend.
+        moved_keys: ``k`` with the policy's per-token shift (``reposition.shifted_keys(k)``), when the caller
+            keeps it between steps (a decode step then rotates one key, not the cache); None: computed here.
 
     Returns:
         ``out [B, Hq, Tq, D]`` and ``lse [B, Hq, Tq]`` float32, as the gather path computes them with the same
@@ -67,7 +69,7 @@ def regioned_attention(
     if regions is None:
         raise ValueError(f"positions={reposition.policy.name!r} moves single blocks; it runs on the gather path")
     plain = selection.without_dense_heads()
-    moved_k: Tensor | None = None
+    moved_k = moved_keys
     out: Tensor | None = None
     lse: Tensor | None = None
     for region in regions:
