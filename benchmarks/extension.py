@@ -53,6 +53,11 @@ def configs() -> dict[str, longattn.Method]:
     out["dense/dca"] = longattn.get_method("dense", positions="dca")
     out["dense/dca_w1024"] = longattn.get_method("dense", positions=DualChunk(chunk_size=6144, local_window=1024))
     out["dense/dca_c7168"] = longattn.get_method("dense", positions=DualChunk(chunk_size=7168, local_window=1024))
+    # Sparse retrieval under Self-Extend (G = 8, a 1,024-token exact window, 64 retrieved blocks), with layers
+    # whose attention is too spread for the budget run dense (min_layer_mass, the quality issue's mechanism).
+    out["moba/self_extend_g8"] = longattn.get_method("moba", window=1024, top_k=64, positions=SelfExtend(group_size=8))
+    out["moba/self_extend_g8_layers"] = longattn.get_method("moba", window=1024, top_k=64, min_layer_mass=0.75,
+                                                            positions=SelfExtend(group_size=8))
     # The best sparse setting we tried at 16k (still wrong there): moba with a wide budget under Self-Extend.
     out["moba/self_extend_wide"] = longattn.get_method("moba", window=1024, top_k=128,
                                                        positions=SelfExtend(group_size=4))
