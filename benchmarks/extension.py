@@ -46,7 +46,7 @@ def configs() -> dict[str, longattn.Method]:
     # (covers 4 x (8,192 - 1,024) = 28k tokens).
     out["dense/self_extend"] = longattn.get_method("dense", window=1024, positions=SelfExtend(group_size=4))
     # Wider exact windows and larger groups (each label: window W, group G; G x (8,192 - W) must cover the prompt).
-    for w, g in ((2048, 4), (4096, 4), (1024, 8), (2048, 8)):
+    for w, g in ((2048, 4), (4096, 4), (1024, 8), (2048, 8), (1024, 16)):
         out[f"dense/self_extend_w{w}_g{g}"] = longattn.get_method("dense", window=w, positions=SelfExtend(group_size=g))
     # Dual Chunk Attention over every key, the paper's sizes for an 8k window (chunks of 6,144 - 512 tokens),
     # and a longer local window.
