@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--lengths", default="8k,16k,32k")
     parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--haystack", choices=["repeat", "natural"],
+                        help="the filler of every task (default: repeat for passkey, natural for niah_single)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     console = Console()
@@ -100,7 +102,8 @@ def main() -> None:
                 for length in parse_lengths(args.lengths):
                     for task in tasks:
                         run_sweep(model, tok, tasks=[task], methods=chosen, lengths=[length], depths=depths,
-                                  seeds=[seed], out=results, model_id=DEFAULT_GGUF, haystacks=[HAYSTACK[task]],
+                                  seeds=[seed], out=results, model_id=DEFAULT_GGUF,
+                                  haystacks=[args.haystack or HAYSTACK[task]],
                                   recall_queries=0, progress=progress)
     console.print(f"report: {write_report(results, args.out)}")
 

@@ -89,4 +89,4 @@ def _print(console: Console, records: list[dict], label: str, window: int, exten
                       f"{sum(r['prefill_s'] or 0 for r in mine):.0f} s of prefill")
     if not extension:
         console.print("Past the trained window: `longattn demo --extension` (passkey at 4k-16k, dense vs Self-Extend "
-                      "positions; about 16 minutes on 2 CPU cores).")
+                      "positions; about 3.5 minutes on 2 CPU cores).")
