@@ -126,13 +126,14 @@ class TopKMethod(Method):
         qbs = selection.query_block_size
         pattern = self.pattern(tq, ctx, qbs)
         nkb, nqb = pattern.num_kv_blocks, pattern.num_q_blocks
+        static = pattern.static_mask()
         found = memory.get("hidden_sinks")
         if tq > 1 or found is None:
             rows = sample_positions(tq, 16, q.device)  # ascending
             probs = sampled_attention(q, self.raw_keys(ctx), ctx.softmax_scale(d), rows, ctx.key_mask)
             mass = block_sums(probs, self.block_size)  # [B, Hq, n, Nblk]
-            static = pattern.static_mask()[:, :, rows // qbs]  # each sampled row's own sinks and window
-            mass = mass.masked_fill(static, 0.0).cumsum(2)  # [B, Hq, n, Nblk]: rows up to each one
+            own = static[:, :, rows // qbs]  # each sampled row's own sinks and window
+            mass = mass.masked_fill(own, 0.0).cumsum(2)  # [B, Hq, n, Nblk]: rows up to each one
             top = mass.topk(min(self.hidden_sinks, nkb), dim=-1)
             states = torch.zeros(b, hq, mass.shape[2] + 1, nkb, dtype=torch.bool, device=q.device)
             states[:, :, 1:].scatter_(-1, top.indices, top.values > 0)  # state 0: no row sampled yet
@@ -147,7 +148,6 @@ class TopKMethod(Method):
             found_blocks = found.unsqueeze(2)
         if selection.num_heads != hq:  # share_kv_heads: the KV head keeps any of its query heads' sinks
             found_blocks = found_blocks.view(b, selection.num_heads, -1, *found_blocks.shape[2:]).any(2)
-        static = pattern.static_mask()
         mask = selection.to_mask(nkb) | (found_blocks & pattern.eligible_mask(static))
         return Selection.from_mask(mask, qbs, self.block_size, selection.dense_heads)
 
