@@ -101,6 +101,34 @@ def test_full_budget_equals_sdpa(name, padded, cache):
         assert session.prefill_stats.density < 0.9
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_head_aware_cache_equals_the_full_cache(name):
+    """duo on a HeadAwareCache (streaming KV heads keep sinks + window) gives the logits of duo on the model's
+    own cache, on every architecture, hybrid ones included (their sliding layers keep transformers' layer)."""
+    from longattn.hf import HeadAwareCache, HeadAwareLayer
+
+    model = make(name)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 256, (2, 90), generator=g)
+    mask = torch.ones(2, 90, dtype=torch.long)
+    mask[1, :7] = 0
+    layers = model.config.num_hidden_layers
+    duo = longattn.get_method("duo", block_size=8, window=8, sink_tokens=4,
+                              retrieval_heads=tuple((layer, layer % 2) for layer in range(layers)))
+    with longattn.apply(model, duo, kv_cache="full"):
+        ref = run(model, ids, mask, DynamicCache(config=model.config), steps=12)
+    with longattn.apply(model, duo):
+        cache = HeadAwareCache.for_method(duo, model.config, slack=0)  # drop as soon as a block leaves the window
+        got = run(model, ids, mask, cache, steps=12)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    kinds = [type(layer).__name__ for layer in cache.layers]
+    types = getattr(model.config, "layer_types", None) or ["full_attention"] * layers
+    if name == "mistral-sliding":
+        types = ["sliding_attention"] * layers
+    assert [k == "HeadAwareLayer" for k in kinds] == [t == "full_attention" for t in types]
+    assert all(layer._gap > 0 for layer in cache.layers if isinstance(layer, HeadAwareLayer))
+
+
 def test_sliding_layers_run_at_their_window():
     # The hybrid model's sliding layers see 24 keys; widened to the whole prompt, their outputs change. The
     # method's session runs them exactly (test above); here: they are not run as full attention.

@@ -54,3 +54,18 @@ def test_sliding_window_rejects_bad_arguments():
         sliding_window_attention(q, k, v, 0)
     with pytest.raises(ValueError, match="chunk must be an int >= 1"):
         sliding_window_attention(q, k, v, 4, chunk=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("hq", "hkv", "tq", "tk"), [(6, 2, 40, 300), (4, 4, 1, 2), (3, 1, 17, 18)])
+def test_chunk_attention_equals_the_masked_pass(dtype, hq, hkv, tq, tk):
+    """A prefill chunk as two fused passes merged by lse (no [Tq, Tk] mask) equals one masked SDPA pass."""
+    from longattn.ops.dense import _masked_sdpa, chunk_attention
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, h, t, 32, generator=g).to(dtype) for h, t in ((hq, tq), (hkv, tk), (hkv, tk)))
+    allowed = torch.arange(tk).view(1, -1) <= (tk - tq + torch.arange(tq)).view(-1, 1)
+    ref = _masked_sdpa(q.float(), k.float(), v.float(), allowed.view(1, 1, tq, tk), 0.17)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(chunk_attention(q, k, v, 0.17).float(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(dense_attention(q, k, v, 0.17).float(), ref, rtol=tol, atol=tol)

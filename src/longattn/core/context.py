@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from longattn.core.kv import SplitKV
 from longattn.core.pattern import StepPattern
 from longattn.core.positions import Reposition
 
@@ -45,6 +46,8 @@ class SelectionContext:
             is True and batches without padding; None otherwise (the method computes them itself).
         memory: what the method keeps for this layer between the steps of one sequence (an eviction
             baseline's kept tokens); the session starts it empty with each new sequence. None: no memory.
+        kv_split: the layer as a head-aware cache holds it (full and streaming KV heads apart), where the model
+            runs on one; ``keys`` is then None (razor's compensation reads what the streaming heads dropped here).
     """
 
     kv_len: int
@@ -61,6 +64,7 @@ class SelectionContext:
     scale: float | None = None
     block_means: tuple[Tensor, Tensor, Tensor] | None = None
     memory: dict[str, Any] | None = None
+    kv_split: SplitKV | None = None
 
     def softmax_scale(self, head_dim: int) -> float:
         """The scale scores are multiplied by before the softmax: the model's, else ``head_dim ** -0.5``."""

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from longattn.core.positions import Rope
-from longattn.hf.cache import GrowingCache
+from longattn.hf.cache import GrowingCache, HeadAwareCache, HeadAwareLayer, declares_streaming_heads, head_aware_layers
 from longattn.hf.loading import (
     DEFAULT_GGUF,
     EMBEDDED_MODELS,
@@ -37,11 +37,16 @@ SUPPORTED_MODEL_TYPES = (
     "starcoder2",
 )
 LAYER_TYPES = ("full_attention", "sliding_attention")
+KV_CACHES = ("auto", "head_aware", "full")
+"""``apply(kv_cache=...)``: "head_aware" gives the model a :class:`HeadAwareCache` (streaming heads keep sinks +
+window), "full" leaves the model's cache alone, "auto" is "head_aware" where the method declares streaming heads
+(``Method.streaming_kv_heads``) and "full" elsewhere."""
 _SESSION_ATTR = "_longattn_session"
 
 __all__ = [
     "ATTENTION_NAME", "DEFAULT_GGUF", "EMBEDDED_MODELS", "GEMMA3_270M", "INSTALL_DEFAULT", "INSTALL_GEMMA3_270M",
-    "LAYER_TYPES", "SUPPORTED_MODEL_TYPES", "AttentionStats", "GrowingCache",
+    "KV_CACHES", "LAYER_TYPES", "SUPPORTED_MODEL_TYPES", "AttentionStats", "GrowingCache", "HeadAwareCache",
+    "HeadAwareLayer",
     "Observer",
     "Session", "apply", "check_model", "default_model_path", "gemma3_270m_path", "load_model",
 ]
@@ -172,6 +177,13 @@ def check_model(model: Any) -> None:
 class apply:  # noqa: N801 - used as a context manager, reads like a function: `with longattn.apply(...)`
     """Run ``model`` with ``method`` inside the block; restore its attention implementation on exit.
 
+    Args:
+        kv_cache: one of ``KV_CACHES``. With "head_aware" (what "auto" picks when the method declares streaming
+            heads: ``duo``, ``razor``, ``streaming``) every forward pass that starts a sequence gets a
+            :class:`HeadAwareCache`: one given no cache gets a new one, an empty ``DynamicCache`` (what
+            ``generate`` makes) has its layers replaced by head-aware ones. A cache that already holds tokens, or
+            any other cache class, is used as given. ``session.new_cache()`` makes one to hold yourself.
+
     Example::
 
         with longattn.apply(model, longattn.get_method("moba", top_k=8)) as session:
@@ -179,25 +191,64 @@ class apply:  # noqa: N801 - used as a context manager, reads like a function: `
         print(session.prefill_stats.density)
     """
 
-    def __init__(self, model: Any, method: Method, backend: str = "auto", observer: Observer | None = None) -> None:
+    def __init__(self, model: Any, method: Method, backend: str = "auto", observer: Observer | None = None,
+                 kv_cache: str = "auto") -> None:
         if not isinstance(method, Method):
             raise ValueError(f"method must be a longattn Method (see longattn.get_method), got {type(method).__name__}")
         check_backend(backend)
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
         check_model(model)
         method.check_model(model)  # a per-head method made for another model fails here, before any forward
         self.model = model
         if observer is not None and not callable(observer):
             raise ValueError(f"observer must be callable(layer, q, k, selection, scale, key_mask), got {observer!r}")
+        declared = declares_streaming_heads(method, model.config)
+        if kv_cache == "head_aware" and not declared:
+            raise ValueError(
+                f"kv_cache='head_aware' needs a method that declares streaming KV heads (duo or razor without a "
+                f"selector, streaming; no position policy); {method.name!r} with these options reads every key"
+            )
+        self.head_aware = declared and kv_cache != "full"
         # The model's RoPE is read only when the method's position policy moves keys (and fails clearly on a
         # RoPE variant it cannot re-rotate).
         rope = Rope.from_model(model) if method.position_policy().changes_positions else None
         self.session = Session(method, backend, observer=observer, rope=rope)
+        self.session.cache_factory = self.new_cache
         # A backend that cannot run on the model's device fails here, before any forward pass.
         params = next(iter(model.parameters()), None)
         if params is not None:
             resolve_backend(backend, params.device.type, self.session.moves_single_blocks)
         self._previous: str | None = None
         self._modules: list[Any] = []
+        self._hook: Any = None
+
+    def new_cache(self) -> "GrowingCache | HeadAwareCache":
+        """A cache for this model and method: a :class:`HeadAwareCache` when the method declares streaming heads
+        (and ``kv_cache`` is not "full"), else a :class:`GrowingCache`."""
+        if self.head_aware:
+            return HeadAwareCache.for_method(self.session.method, self.model.config)
+        return GrowingCache()
+
+    def _give_cache(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        """Forward pre-hook: a pass that starts a sequence gets head-aware layers (see ``kv_cache``)."""
+        from transformers.cache_utils import Cache, DynamicCache
+
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            use_cache = kwargs.get("use_cache")
+            if use_cache is None:
+                use_cache = getattr(self.model.config, "use_cache", True)
+            if not use_cache or any(isinstance(a, Cache) for a in args):  # a cache passed positionally: as is
+                return None
+            kwargs["past_key_values"] = self.new_cache()
+            return args, kwargs
+        if type(cache) is DynamicCache and not cache.offloading and cache.get_seq_length() == 0:
+            # generate makes an empty DynamicCache before the first pass; its layers become head-aware (the
+            # object stays the caller's, so whoever holds it sees the content).
+            cache.layers = head_aware_layers(self.session.method, self.model.config)
+            cache.layer_class_to_replicate = None
+        return None
 
     def __enter__(self) -> Session:
         from transformers import AttentionInterface
@@ -216,9 +267,14 @@ class apply:  # noqa: N801 - used as a context manager, reads like a function: `
         except Exception:
             self.__exit__()
             raise
+        if self.head_aware:
+            self._hook = self.model.register_forward_pre_hook(self._give_cache, with_kwargs=True)
         return self.session
 
     def __exit__(self, *exc: object) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         self.model.set_attn_implementation(self._previous)
         for m in self._modules:
             if hasattr(m, _SESSION_ATTR):

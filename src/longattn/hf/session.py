@@ -15,11 +15,17 @@ import torch
 from torch import Tensor
 
 from longattn.core.index import BlockIndex
+from longattn.core.kv import SplitKV
 from longattn.core.pattern import real_query_rows
 from longattn.core.positions import Reposition, Rope
 from longattn.core.selection import Selection, causal_pairs
 from longattn.methods.base import Method, SelectionContext
-from longattn.ops.block_sparse import REPOSITION_BACKENDS, block_sparse_attention, resolve_backend
+from longattn.ops.block_sparse import (
+    REPOSITION_BACKENDS,
+    block_sparse_attention,
+    resolve_backend,
+    split_kv_attention,
+)
 from longattn.ops.dense import sliding_window_attention
 
 
@@ -95,6 +101,8 @@ class Session:
     _backends: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     _means: tuple[BlockIndex | None, BlockIndex] | None = field(default=None, init=False, repr=False)
     _memory: dict[int, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
+    cache_factory: Callable[[], Any] | None = field(default=None, repr=False)
+    """What :meth:`new_cache` calls (``apply`` sets it: it knows the model)."""
 
     def __post_init__(self) -> None:
         summariser = self.method.summariser()
@@ -126,6 +134,13 @@ class Session:
                 )
             self.reposition = Reposition(policy, self.rope, self.method.window)
 
+    def new_cache(self) -> Any:
+        """A KV cache for this session's model and method (a ``HeadAwareCache`` where the method declares
+        streaming heads, else a ``GrowingCache``), to pass as ``past_key_values``."""
+        if self.cache_factory is None:
+            raise RuntimeError("new_cache needs the model: use the session that `longattn.apply` returns")
+        return self.cache_factory()
+
     @property
     def moves_single_blocks(self) -> bool:
         """Whether the position policy moves far blocks one by one (``longheads``), which only the PyTorch
@@ -145,47 +160,86 @@ class Session:
         return self._backends[device_type]
 
     def attend(
-        self, module: Any, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, scale: float,
-        sliding_window: int | None = None,
+        self, module: Any, q: Tensor, k: "Tensor | SplitKV", v: "Tensor | SplitKV", key_mask: Tensor | None,
+        scale: float, sliding_window: int | None = None,
     ) -> Tensor:
         """One layer's attention. ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]`` -> ``[B, Tq, Hq, D]``.
+
+        ``k`` (and ``v``, the same object) may be a :class:`~longattn.core.kv.SplitKV` from a head-aware cache:
+        the method then selects without summaries or raw keys (it declared which heads read only sinks and
+        window), the operator runs per head group (:func:`~longattn.ops.block_sparse.split_kv_attention`), and
+        the cache is told afterwards what it may drop.
 
         A sliding-window layer (``sliding_window``, as the model defines it) runs exactly as the model does,
         at window cost (:func:`~longattn.ops.dense.sliding_window_attention`): the method selects on the
         full-attention layers only, and only they are counted in the stats and seen by the observer.
         """
+        split = k if isinstance(k, SplitKV) else None
         if sliding_window is not None:
+            if split is not None:
+                raise ValueError("a sliding-window layer got a head-aware cache layer; its cache must be a "
+                                 "sliding-window layer (HeadAwareCache.for_method builds one)")
             return sliding_window_attention(q, k, v, int(sliding_window), scale, key_mask).transpose(1, 2)
         b, hq, tq, _ = q.shape
         hkv, tk = k.shape[1], k.shape[2]
         layer = int(getattr(module, "layer_idx", 0))
         backend = self._begin(layer, tq, tk, q.device.type)
+        if split is not None:
+            self._check_split(split, layer, hq)
         summaries = None
         if self.index is not None:
             summaries = self.index.update(k, layer, new_tokens=tq, q=q)
         ctx = SelectionContext(
-            kv_len=tk, q_offset=tk - tq, layer=layer, num_kv_heads=hkv, key_mask=key_mask, device=q.device, keys=k,
-            reposition=self.reposition, backend=backend, step_cache=self._step_cache, scale=scale,
-            block_means=self._block_means(k, v, key_mask, layer, tq, summaries),
-            memory=self._layer_memory(layer, tq, tk),
+            kv_len=tk, q_offset=tk - tq, layer=layer, num_kv_heads=hkv, key_mask=key_mask, device=q.device,
+            keys=None if split is not None else k, reposition=self.reposition, backend=backend,
+            step_cache=self._step_cache, scale=scale,
+            block_means=None if split is not None else self._block_means(k, v, key_mask, layer, tq, summaries),
+            memory=self._layer_memory(layer, tq, tk), kv_split=split,
         )
         selection = self.method.select(self._selecting_queries(q, key_mask, tk), summaries, ctx)
-        out, lse = block_sparse_attention(
-            q, k, v, selection, scale, causal=True, key_mask=key_mask, backend=backend, reposition=self.reposition,
-            moved_keys=self._moved_keys(k, ctx.memory, tq),
-        )
+        if split is not None:
+            out, lse = split_kv_attention(q, split, selection, scale, key_mask=key_mask, backend=backend)
+        else:
+            out, lse = block_sparse_attention(
+                q, k, v, selection, scale, causal=True, key_mask=key_mask, backend=backend,
+                reposition=self.reposition, moved_keys=self._moved_keys(k, ctx.memory, tq),
+            )
         if self.method.adjusts_output:
-            out = self.method.adjust_output(out, lse, q, k, v, selection, ctx, scale)
+            out = self.method.adjust_output(out, lse, q, None if split else k, None if split else v, selection, ctx,
+                                            scale)
         # Every head dense: its pairs are the causal ones, known without counting the Selection's blocks.
         computed = b * hq * causal_pairs(tq, tk) if selection.all_dense else (
             selection.pairs(tq, tk).sum() * (hq // selection.num_heads))
         self._count(tq, tk, computed, b * hq)
         if self.observer is not None:
-            self.observer(layer, q, k, selection, scale, key_mask)
+            # Observers see the layer as a full cache would hold it; what streaming heads dropped reads NaN.
+            keys, values = split.logical() if split is not None else (k, v)
+            self.observer(layer, q, keys, selection, scale, key_mask)
             watch_output = getattr(self.observer, "observe_output", None)
             if watch_output is not None:
-                watch_output(layer, q, k, v, out, scale, key_mask)
+                watch_output(layer, q, keys, values, out, scale, key_mask)
+        if split is not None and split.release is not None:
+            split.release(key_mask)
         return out.transpose(1, 2)  # HF reshapes [B, Tq, Hq, D] itself
+
+    def _check_split(self, split: SplitKV, layer: int, hq: int) -> None:
+        """A head-aware cache layer must keep what this method reads: the same streaming heads and geometry."""
+        declared = self.method.streaming_kv_heads(layer, hq, split.num_kv_heads)
+        held = tuple(h in split.stream_heads for h in range(split.num_kv_heads))
+        if declared is None or tuple(declared) != held:
+            raise ValueError(
+                f"layer {layer}'s head-aware cache keeps KV heads {split.stream_heads} as streaming heads, but method "
+                f"{self.method.name!r} declares {declared}: build the cache for this method "
+                "(HeadAwareCache.for_method) or let apply make it"
+            )
+        geometry = (self.method.block_size, self.method.sink_tokens, self.method.window)
+        if (split.block_size, split.sink_tokens, split.window) != geometry:
+            raise ValueError(
+                f"the head-aware cache keeps blocks of {split.block_size}, {split.sink_tokens} sink tokens and a "
+                f"{split.window}-token window, but the method uses {geometry}: build the cache for this method"
+            )
+        if self.index is not None or self._means is not None:
+            raise ValueError(f"method {self.method.name!r} reads block summaries, which a head-aware cache does not keep")
 
     def _layer_memory(self, layer: int, tq: int, tk: int) -> dict[str, Any]:
         """The method's memory of ``layer`` for this sequence: emptied when a step starts a new one (nothing

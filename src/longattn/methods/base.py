@@ -78,6 +78,16 @@ class Method:
         Default: every supported model fits. Per-head methods check the layout their profile was made for.
         """
 
+    def streaming_kv_heads(self, layer: int, num_heads: int, num_kv_heads: int) -> tuple[bool, ...] | None:
+        """What each KV head of ``layer`` reads, for a head-aware KV cache (:class:`longattn.hf.HeadAwareCache`).
+
+        One flag per KV head: True where every query head of its group reads only the sinks and the local
+        window (this method's static pattern, in prefill and in decode), so the cache may drop its other keys.
+        A method that declares any such head selects without block summaries and raw keys (``ctx.keys`` is
+        None). None, the default: the method may read any key of any head, and the cache keeps everything.
+        """
+        return None
+
     def summariser(self) -> "str | Callable[..., Tensor] | None":
         """What the session's BlockIndex keeps per key block (None: no index): ``summary`` by default, a
         configured callable, or what a wrapped method scores."""

@@ -126,6 +126,15 @@ class Duo(Method):
         group = num_heads // units  # query heads per chosen unit: 1 for query heads
         return tuple(h // group in chosen for h in range(num_heads))
 
+    def streaming_kv_heads(self, layer: int, num_heads: int, num_kv_heads: int) -> tuple[bool, ...] | None:
+        """A KV head none of whose query heads retrieves reads only sinks + window (DuoAttention's saving).
+        None with a ``selector`` (it scores every head's block summaries) or a position policy that moves keys."""
+        if self.selector is not None or self.position_policy().changes_positions:
+            return None
+        retrieving = self.retrieving_heads(layer, num_heads, num_kv_heads)
+        group = num_heads // num_kv_heads
+        return tuple(not any(retrieving[h * group : (h + 1) * group]) for h in range(num_kv_heads))
+
     def summariser(self) -> "str | Callable[..., Tensor] | None":
         return self.selector.summariser() if isinstance(self.selector, Method) else None
 
@@ -167,8 +176,9 @@ class Duo(Method):
         """KV entries (tokens x KV heads, summed over layers) a per-head cache needs for ``kv_len`` tokens.
 
         A KV head none of whose query heads retrieves keeps only its sink blocks and window (plus the block
-        being filled); the others keep everything. Today's Hugging Face cache still stores all ``kv_len``
-        tokens for every head: this is the saving a head-aware cache realises.
+        being filled); the others keep everything. transformers' ``DynamicCache`` stores all ``kv_len`` tokens
+        for every head; :class:`longattn.hf.HeadAwareCache` (what ``apply`` gives the model for ``duo``) holds
+        this, plus up to ``slack`` tokens per streaming head before it drops them (its ``kv_bytes()`` measures).
         """
         bs = self.block_size
         streaming = min(kv_len, -(-self.sink_tokens // bs) * bs + self.window + bs)

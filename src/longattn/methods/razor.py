@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from longattn.core.kv import SplitKV
 from longattn.core.selection import Selection
 from longattn.methods.base import SelectionContext
 from longattn.methods.duo import Duo
@@ -37,14 +38,17 @@ class Razor(Duo):
         """Merge the compensation token into every streaming head's output: ``[B, Hq, Tq, D]``.
 
         Only the streaming heads' ``lse`` is read (the retrieval heads' is NaN where the operator ran them as
-        dense heads)."""
+        dense heads). On a head-aware cache ``k`` and ``v`` are None and ``ctx.kv_split`` holds the layer."""
         b, hq, tq, d = q.shape
-        hkv = k.shape[1]
+        hkv = ctx.num_kv_heads
         streaming = ~self.head_mask(ctx.layer, hq, hkv, q.device)
         if not bool(streaming.any()):
             return out
-        k_mean, v_mean, count = self.compensation(k, v, tq, ctx, selection.query_block_size)  # per query block
         qbs = selection.query_block_size
+        if ctx.kv_split is not None:  # a head-aware cache: streaming KV heads hold sinks + window + dropped sums
+            k_mean, v_mean, count = self.split_compensation(ctx.kv_split, tq, ctx, qbs, streaming)
+        else:
+            k_mean, v_mean, count = self.compensation(k, v, tq, ctx, qbs)  # per query block
         # Expand per query block to per query row: [B, Hkv, Tq, D].
         k_rows = k_mean.repeat_interleave(qbs, dim=2)[:, :, :tq]
         v_rows = v_mean.repeat_interleave(qbs, dim=2)[:, :, :tq]
@@ -89,3 +93,66 @@ class Razor(Duo):
         denom = count.clamp(min=1).view(b, 1, -1, 1)
         return run(k_sums) / denom, run(v_sums) / denom, count.round().long()
 
+
+    def split_compensation(
+        self, split: SplitKV, q_len: int, ctx: SelectionContext, qbs: int, streaming: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`compensation` on a head-aware cache: ``k_mean, v_mean [B, Hkv, Qblk, D]``, ``count [B, Qblk]``.
+
+        A streaming KV head holds its sinks, its window and the sums of what it dropped in between; the dropped
+        part enters the same prefix sums as one block at the place of the gap (every dropped run starts at or
+        before it and ends after it). Full KV heads (whose query heads may still be streaming heads at
+        ``query_head`` granularity) use :meth:`compensation` over their keys. ``streaming [Hq]`` bool.
+        """
+        bs, hkv = self.block_size, split.num_kv_heads
+        b, d = split.shape[0], split.shape[3]
+        nqb = -(-q_len // qbs)
+        k_mean = torch.zeros(b, hkv, nqb, d, device=split.device)
+        v_mean = torch.zeros_like(k_mean)
+        count = None
+        group = streaming.shape[0] // hkv
+        wanted = streaming.view(hkv, group).any(1).tolist()
+        full = [i for i, h in enumerate(split.full_heads) if wanted[h]]
+        if full:
+            index = torch.tensor(full, device=split.device)
+            km, vm, count = self.compensation(split.full_keys.index_select(1, index),
+                                              split.full_values.index_select(1, index), q_len, ctx, qbs)
+            heads = [split.full_heads[i] for i in full]
+            k_mean[:, heads], v_mean[:, heads] = km, vm
+        if split.stream_heads:
+            if split.gap and split.dropped is None:
+                raise ValueError("razor needs the sums of what the head-aware cache dropped; build the cache for "
+                                 "this method (HeadAwareCache.for_method keeps them for methods that adjust outputs)")
+            mask = split.stream_key_mask(ctx.key_mask)
+            first, shift = split.sink_len // bs, split.gap // bs
+            hs = len(split.stream_heads)
+            if split.dropped is None:
+                dropped = (torch.zeros(b, hs, d, device=split.device), torch.zeros(b, hs, d, device=split.device),
+                           torch.zeros(b, device=split.device))
+            else:
+                dropped = split.dropped
+
+            def prefix(x: Tensor, gone: Tensor) -> tuple[Tensor, Tensor]:
+                sums, valid = masked_block_sums(x, bs, mask)  # [B, Hs, Nc, D], [B, Nc]
+                sums = torch.cat((sums[:, :, :first], gone.unsqueeze(2), sums[:, :, first:]), dim=2)
+                valid = torch.cat((valid[:, :first], dropped[2].view(b, 1), valid[:, first:]), dim=1)
+                return (torch.nn.functional.pad(sums.cumsum(2), (0, 0, 1, 0)),
+                        torch.nn.functional.pad(valid.cumsum(1), (1, 0)))
+
+            (k_sums, counts), (v_sums, _) = prefix(split.stream_keys, dropped[0]), prefix(split.stream_values,
+                                                                                           dropped[1])
+            low, hi = self.pattern(q_len, ctx, qbs).dropped_run(b)  # [B, Qblk] blocks of the sequence
+            place = lambda n: torch.where(n <= first, n, n - shift + 1)  # noqa: E731 - prefix index of block n
+            low, hi = place(low), place(hi)
+
+            def run(p: Tensor) -> Tensor:  # [B, Hs, Nc + 2, D] -> [B, Hs, Qblk, D]
+                at = lambda idx: p.gather(2, idx.view(b, 1, -1, 1).expand(-1, hs, -1, d))  # noqa: E731
+                return at(hi) - at(low)
+
+            stream_count = counts.gather(1, hi) - counts.gather(1, low)
+            denom = stream_count.clamp(min=1).view(b, 1, -1, 1)
+            heads = list(split.stream_heads)
+            k_mean[:, heads], v_mean[:, heads] = run(k_sums) / denom, run(v_sums) / denom
+            count = stream_count.round().long()
+        assert count is not None
+        return k_mean, v_mean, count

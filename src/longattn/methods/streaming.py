@@ -19,3 +19,10 @@ class Streaming(Method):
 
     name: ClassVar[str] = "streaming"
     paper: ClassVar[str] = "StreamingLLM: Efficient Streaming Language Models with Attention Sinks https://arxiv.org/abs/2309.17453"
+
+    def streaming_kv_heads(self, layer: int, num_heads: int, num_kv_heads: int) -> tuple[bool, ...] | None:
+        """Every KV head reads only its sinks and window, unless a position policy re-rotates the sinks (their
+        distances then depend on positions a compact cache would not keep)."""
+        if self.position_policy().changes_positions:
+            return None
+        return (True,) * num_kv_heads

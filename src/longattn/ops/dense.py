@@ -10,12 +10,46 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from longattn.ops.merge import merge_attention
+
 
 def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float | None) -> Tensor:
     """SDPA under a bool mask ``allowed`` (broadcast to ``[B, Hq, Tq, Tk]``); rows with no allowed key are 0:
     SDPA leaves fully masked rows (padding queries) undefined, the sparse operator makes them 0."""
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True)
     return torch.where(allowed.any(-1, keepdim=True), out, torch.zeros_like(out))
+
+
+_SDPA_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _sdpa_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> tuple[Tensor, Tensor]:
+    """PyTorch's fused CPU attention with its log-sum-exp: ``q, k, v [B, H, T, D]`` (equal heads) ->
+    ``(out [B, H, Tq, D], lse [B, H, Tq] float32)``."""
+    out, lse = _SDPA_LSE(q, k, v, 0.0, causal, scale=scale)[:2]
+    return out, lse
+
+
+def chunk_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """Causal attention of a prefill chunk: ``q [B, Hq, Tq, D]`` the newest ``Tq`` of ``k, v [B, Hkv, Tk, D]``.
+
+    Two fused passes merged by their log-sum-exp, so that no ``[Tq, Tk]`` mask is built (at a 4k chunk over a
+    128k cache that mask alone is 512 MiB): every query sees every earlier key, so the keys before the chunk
+    are one unmasked pass with the group's queries stacked as rows (no copy of the cache per query head), and
+    the chunk's own keys one causal square pass. Its reference is :func:`dense_attention`'s masked path
+    (tests). CPU (PyTorch's fused CPU kernel returns the log-sum-exp). Returns ``[B, Hq, Tq, D]``.
+    """
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    g, past = hq // hkv, tk - tq
+    scale = d ** -0.5 if scale is None else scale
+    rows = q.reshape(b, hkv, g * tq, d)  # a GQA group's queries as rows of its KV head
+    before, lse_before = _sdpa_lse(rows, k[:, :, :past], v[:, :, :past], False, scale)
+    own_k = k[:, :, past:].repeat_interleave(g, dim=1)
+    own_v = v[:, :, past:].repeat_interleave(g, dim=1)
+    own, lse_own = _sdpa_lse(q, own_k, own_v, True, scale)
+    out, _ = merge_attention(before.reshape(b, hq, tq, d), lse_before.reshape(b, hq, tq), own, lse_own)
+    return out
 
 
 def dense_attention(
@@ -37,6 +71,8 @@ def dense_attention(
     if key_mask is None and offset == tk - tq and tq in (1, tk):
         # The two shapes SDPA's own flags express: decode (no mask) and prefill from an empty cache.
         return F.scaled_dot_product_attention(q, k, v, is_causal=tq > 1, scale=scale, enable_gqa=True)
+    if key_mask is None and offset == tk - tq and q.device.type == "cpu" and _SDPA_LSE is not None:
+        return chunk_attention(q, k, v, scale)
     # Chunked prefill or padding: an explicit [B, 1, Tq, Tk] mask, as transformers' sdpa path builds.
     allowed = torch.arange(tk, device=q.device).view(1, -1) <= (offset + torch.arange(tq, device=q.device)).view(-1, 1)
     allowed = allowed.view(1, 1, tq, tk)

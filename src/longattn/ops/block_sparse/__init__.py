@@ -38,6 +38,7 @@ from longattn.ops.block_sparse.native import (
     native_unavailable_reason,
 )
 from longattn.ops.block_sparse.regions import regioned_attention
+from longattn.ops.block_sparse.split import split_kv_attention, split_kv_attention_reference
 from longattn.ops.triton_utils import check_triton_runs, triton_available, triton_interpreted
 
 BACKENDS = ("auto", "gather", "cpu", "native", "triton", "flex", "naive")
@@ -204,6 +205,8 @@ __all__ = [
     "native_available",
     "native_unavailable_reason",
     "resolve_backend",
+    "split_kv_attention",
+    "split_kv_attention_reference",
     "triton_available",
     "triton_interpreted",
 ]
