@@ -125,9 +125,9 @@ def report(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     gib = 2 ** 30
     lines = [f"{rows[0]['cpu']}, {rows[0]['threads']} threads, torch {rows[0]['torch']}, {rows[0]['dtype']}" if rows else "",
-             "", "| tokens | cell | chunk | KV held (GiB) | KV vs dense | peak RSS above start (GiB) | RSS saved vs "
-             "same method, full cache (GiB) | prefill s | decode ms/token | decode vs full cache |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "", "| tokens | cell | chunk | KV held (GiB) | KV vs dense | peak RSS above start (GiB) | peak RSS saved vs "
+             "same method, full cache (GiB) | RSS once read (GiB) | prefill s | decode ms/token | decode vs full cache |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by_key = {(r["cell"], r["length"], r["chunk"]): r for r in rows}
     for r in rows:
         name, _, kind = r["cell"].partition("/")
@@ -140,7 +140,7 @@ def report(path: Path) -> str:
         lines.append(
             f"| {r['length']} | {r['cell']} | {r['chunk'] or 'one pass'} | {r['kv_held_bytes'] / gib:.3f} | "
             f"{r['kv_held_bytes'] / r['dense_kv_bytes']:.1%} | {r['peak_rss_above_start'] / gib:.2f} | {saved} | "
-            f"{r['prefill_s']:.1f} | {decode} | {speed} |"
+            f"{r['rss_after_prompt_above_start'] / gib:.2f} | {r['prefill_s']:.1f} | {decode} | {speed} |"
         )
     return "\n".join(lines)
 

@@ -6,7 +6,7 @@ Every head keeps the attention sinks and a local window and retrieves only the k
 from longattn.bench.profiling import profile_heads
 from longattn.core import BlockIndex, Selection
 from longattn.core.profile import HeadProfile
-from longattn.hf import AttentionStats, GrowingCache, Session, apply, load_model
+from longattn.hf import AttentionStats, GrowingCache, HeadAwareCache, Session, apply, load_model
 from longattn.methods import Method, SelectionContext, get_method, list_methods
 from longattn.ops import block_sparse_attention, merge_attention
 
@@ -16,6 +16,7 @@ __all__ = [
     "AttentionStats",
     "BlockIndex",
     "GrowingCache",
+    "HeadAwareCache",
     "HeadProfile",
     "Method",
     "Selection",
