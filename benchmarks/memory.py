@@ -39,22 +39,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cache_bytes(cache) -> tuple[int, int]:
-    """(held, allocated) bytes of keys and values in any of the caches used here."""
-    from longattn.hf.cache import HeadAwareCache
-
-    if isinstance(cache, HeadAwareCache):
-        return cache.kv_bytes()
-    held = allocated = 0
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is None:
-            continue
-        held += sum(x.numel() * x.element_size() for x in (layer.keys, layer.values))
-        buffers = getattr(layer, "_buffers", None) or (layer.keys, layer.values)
-        allocated += sum(x.numel() * x.element_size() for x in buffers)
-    return held, allocated
-
-
 def run_cell(cell: str, length: int, share: float, chunk: int, decode: int, seed: int) -> dict:
     import torch
     from transformers import DynamicCache
@@ -62,6 +46,7 @@ def run_cell(cell: str, length: int, share: float, chunk: int, decode: int, seed
     import longattn
     from longattn.bench.memory import PeakMemory, rss_bytes
     from longattn.bench.tasks import niah_single
+    from longattn.hf.cache import kv_bytes
 
     model, tok = longattn.load_model()
     text = niah_single.make(tok, length, 0.5, seed).prompt
@@ -100,7 +85,7 @@ def run_cell(cell: str, length: int, share: float, chunk: int, decode: int, seed
                 out = model(token, past_key_values=cache, use_cache=True)
                 steps.append(time.perf_counter() - t1)
                 token = out.logits[:, -1:].argmax(-1)
-        held, allocated = cache_bytes(cache)
+        held, allocated = kv_bytes(cache)
         density = session.prefill_stats.density
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -29,6 +29,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from longattn.core.kv import SplitKV
+from longattn.ops.block_sparse.split import heads_view
 from longattn.ops.summary_attention import masked_block_sums
 
 # Tokens of headroom beyond what a reallocation needs: at least this many, or 1/32 of the length.
@@ -115,12 +116,6 @@ def _append(bufs: tuple[Tensor, Tensor] | None, have: int, keys: Tensor, values:
     return bufs
 
 
-def _heads_of(x: Tensor, heads: tuple[int, ...]) -> Tensor:
-    if heads == tuple(range(heads[0], heads[-1] + 1)):
-        return x[:, heads[0] : heads[-1] + 1]
-    return x[:, list(heads)]
-
-
 class HeadAwareLayer(DynamicLayer):
     """One layer of a :class:`HeadAwareCache`: full KV heads keep every key, streaming KV heads their sinks and
     window.
@@ -175,11 +170,11 @@ class HeadAwareLayer(DynamicLayer):
         n = key_states.shape[2]
         headroom = max(_MIN_HEADROOM, (self._length + n) // _HEADROOM_SHARE)
         if self.full_heads:
-            self._full = _append(self._full, self._length, _heads_of(key_states, self.full_heads),
-                                 _heads_of(value_states, self.full_heads), headroom)
+            self._full = _append(self._full, self._length, heads_view(key_states, self.full_heads),
+                                 heads_view(value_states, self.full_heads), headroom)
         held = self._length - self._gap
-        self._stream = _append(self._stream, held, _heads_of(key_states, self.stream_heads),
-                               _heads_of(value_states, self.stream_heads), self.slack + self.block_size)
+        self._stream = _append(self._stream, held, heads_view(key_states, self.stream_heads),
+                               heads_view(value_states, self.stream_heads), self.slack + self.block_size)
         self._length += n
         kv = self.split()
         return kv, kv
@@ -317,27 +312,38 @@ class HeadAwareCache(Cache):
 
     def kv_bytes(self) -> tuple[int, int]:
         """``(held, allocated)`` bytes of keys and values over every layer."""
-        held = allocated = 0
-        for layer in self.layers:
-            if isinstance(layer, HeadAwareLayer):
-                h, a = layer.kv_bytes()
-            elif getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
-                buffers = getattr(layer, "_buffers", None) or (layer.keys, layer.values)
-                h = sum(x.numel() * x.element_size() for x in (layer.keys, layer.values))
-                a = sum(x.numel() * x.element_size() for x in buffers)
-            else:
-                h = a = 0
-            held, allocated = held + h, allocated + a
-        return held, allocated
+        return kv_bytes(self)
+
+
+def kv_bytes(cache: Cache) -> tuple[int, int]:
+    """``(held, allocated)`` bytes of keys and values in ``cache``, any of transformers' dynamic caches or ours:
+    the rows in use, and the buffers' capacity (a GrowingLayer's headroom, a HeadAwareLayer's slack)."""
+    held = allocated = 0
+    for layer in cache.layers:
+        if isinstance(layer, HeadAwareLayer):
+            h, a = layer.kv_bytes()
+        elif getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
+            buffers = getattr(layer, "_buffers", None) or (layer.keys, layer.values)
+            h = sum(x.numel() * x.element_size() for x in (layer.keys, layer.values))
+            a = sum(x.numel() * x.element_size() for x in buffers)
+        else:
+            h = a = 0
+        held, allocated = held + h, allocated + a
+    return held, allocated
+
+
+def _layout(config: Any) -> tuple[int, int, int]:
+    """(layers, query heads, KV heads) of a model's (text) config."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    hq = text.num_attention_heads
+    return text.num_hidden_layers, hq, getattr(text, "num_key_value_heads", None) or hq
 
 
 def head_aware_layers(method: Any, config: Any, slack: int = 256) -> list[Any]:
     """The layers of a :class:`HeadAwareCache` for ``method`` on a model with ``config``: transformers' own
     choice (``DynamicCache(config=...)``) for sliding-window layers, a :class:`HeadAwareLayer` where the method
     declares streaming heads, a :class:`GrowingLayer` elsewhere."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    hq = text.num_attention_heads
-    hkv = getattr(text, "num_key_value_heads", None) or hq
+    _, hq, hkv = _layout(config)
     layers: list[Any] = []
     for i, layer in enumerate(DynamicCache(config=config).layers):
         if type(layer) is not DynamicLayer:  # sliding window (or another kind transformers chose): as is
@@ -354,11 +360,9 @@ def head_aware_layers(method: Any, config: Any, slack: int = 256) -> list[Any]:
 
 def declares_streaming_heads(method: Any, config: Any) -> bool:
     """Whether ``method`` declares a streaming KV head on some layer of a model with ``config``."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    hq = text.num_attention_heads
-    hkv = getattr(text, "num_key_value_heads", None) or hq
-    return any(any(method.streaming_kv_heads(i, hq, hkv) or ()) for i in range(text.num_hidden_layers))
+    layers, hq, hkv = _layout(config)
+    return any(any(method.streaming_kv_heads(i, hq, hkv) or ()) for i in range(layers))
 
 
 __all__ = ["GrowingCache", "GrowingLayer", "HeadAwareCache", "HeadAwareLayer", "declares_streaming_heads",
-           "head_aware_layers"]
+           "head_aware_layers", "kv_bytes"]

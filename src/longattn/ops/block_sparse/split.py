@@ -30,8 +30,9 @@ def _rows(selection: Selection, rows: list[int]) -> Selection:
                      selection.query_block_size, selection.kv_block_size, dense)
 
 
-def _heads(x: Tensor, heads: list[int]) -> Tensor:
+def heads_view(x: Tensor, heads: "list[int] | tuple[int, ...]") -> Tensor:
     """``x[:, heads]`` as a view where the heads are a contiguous run (no copy), else gathered."""
+    heads = list(heads)
     if heads == list(range(heads[0], heads[-1] + 1)):
         return x[:, heads[0] : heads[-1] + 1]
     return x[:, heads]
@@ -76,7 +77,7 @@ def split_kv_attention(
         if stream:
             sub = kv.stream_selection(sub)
         o, l = block_sparse_attention(
-            _heads(q, q_heads), keys, values, sub, scale, causal=True, key_mask=mask,
+            heads_view(q, q_heads), keys, values, sub, scale, causal=True, key_mask=mask,
             q_offset=keys.shape[2] - tq, backend=backend,
         )
         out[:, q_heads] = o
