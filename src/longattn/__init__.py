@@ -6,7 +6,9 @@ Every head keeps the attention sinks and a local window and retrieves only the k
 from longattn.bench.profiling import profile_heads
 from longattn.core import BlockIndex, Selection
 from longattn.core.profile import HeadProfile
-from longattn.hf import AttentionStats, GrowingCache, HeadAwareCache, Session, apply, load_model
+from longattn.hf import (
+    AttentionStats, GrowingCache, HeadAwareCache, Session, ShardedCache, apply, load_model, parallel_prefill,
+)
 from longattn.methods import Method, SelectionContext, get_method, list_methods
 from longattn.ops import block_sparse_attention, merge_attention
 
@@ -22,6 +24,7 @@ __all__ = [
     "Selection",
     "SelectionContext",
     "Session",
+    "ShardedCache",
     "__version__",
     "apply",
     "block_sparse_attention",
@@ -29,5 +32,6 @@ __all__ = [
     "list_methods",
     "load_model",
     "merge_attention",
+    "parallel_prefill",
     "profile_heads",
 ]

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from longattn.hf.cache import GrowingCache
+from longattn.hf import default_cache
+from longattn.hf.parallel import ShardedCache, parallel_prefill
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,9 @@ def greedy_generate(
         input_ids: ``[1, T]`` prompt tokens, ``T >= 1`` (the new tokens only, when continuing ``past_key_values``).
         max_new_tokens: upper bound on generated tokens (>= 1).
         past_key_values: a cache from an earlier :class:`GenerationResult` to continue (a follow-up turn);
-            the prompt is then "prefilled" on top of it.
+            the prompt is then "prefilled" on top of it. None: a new cache (``longattn.hf.default_cache``: a
+            ``GrowingCache``, or the session's ``ShardedCache`` under ``apply(..., process_group=...)``, whose
+            prompt each rank prefills as its own shard in one pass).
         prefill_chunk: prompt tokens per forward pass in prefill (None: the whole prompt at once). Segments
             go through the same attention path with the growing cache, so activations stay at one segment's
             size and peak memory grows only with the KV cache (linear in the prompt).
@@ -68,15 +71,21 @@ def greedy_generate(
     start = time.perf_counter()
     step = input_ids.shape[1] if prefill_chunk is None else prefill_chunk
     # A cache that appends in place: DynamicCache copies the whole cache per decoded token (GrowingCache).
-    cache = GrowingCache() if past_key_values is None else past_key_values
-    for first in range(0, input_ids.shape[1], step):
-        # logits_to_keep=1: a 12k prompt's full logits would be 12k x vocab floats (GBs) for one needed row.
-        out = model(input_ids=input_ids[:, first : first + step], past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
-        cache = out.past_key_values
+    # (under a process_group, the session's ShardedCache)
+    cache = default_cache(model) if past_key_values is None else past_key_values
+    if isinstance(cache, ShardedCache) and cache.edges is None:
+        # Context parallel: each rank prefills its own shard of the prompt in one pass (prefill_chunk unused).
+        last = parallel_prefill(model, input_ids, cache)
+    else:
+        for first in range(0, input_ids.shape[1], step):
+            # logits_to_keep=1: a 12k prompt's full logits would be 12k x vocab floats (GBs) for one needed row.
+            out = model(input_ids=input_ids[:, first : first + step], past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
+            cache = out.past_key_values
+        last = out.logits[:, -1]
     prefill = time.perf_counter() - start
-    first_logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    first_logprobs = torch.log_softmax(last[0].float(), dim=-1)
+    token = last.argmax(-1, keepdim=True)
     generated = [token]
     start = time.perf_counter()
     for _ in range(max_new_tokens - 1):

@@ -104,7 +104,8 @@ class BlockIndex:
         state = self._layers.get(layer)
         return 0 if state is None else state.tokens
 
-    def update(self, k: Tensor, layer: int, new_tokens: int | None = None, q: Tensor | None = None) -> Tensor:
+    def update(self, k: Tensor, layer: int, new_tokens: int | None = None, q: Tensor | None = None,
+               start: int = 0) -> Tensor:
         """Summaries of every key block of ``k``, the partial last block included.
 
         Stored summaries are reused only while ``k`` provably continues the indexed sequence: the same
@@ -117,24 +118,36 @@ class BlockIndex:
             layer: layer index.
             new_tokens: keys this step appended to the cache (the query length), if known.
             q: ``[B, Hq, Tq, D]`` this step's queries (the newest ``Tq`` positions), for summarisers that use them.
+            start: the position of ``k``'s first row: ``k`` holds positions ``[start, start + k.shape[2])`` only
+                (a context-parallel rank's shard), and the blocks before ``start`` must already be indexed
+                (``start`` a multiple of ``block_size``). Only the stored blocks from ``start`` on are checked.
 
         Returns:
-            ``[B, Hkv, ceil(Tk / block_size), R, D]`` float32.
+            ``[B, Hkv, ceil((start + Tk) / block_size), R, D]`` float32.
         """
         if k.dim() != 4:
             raise ValueError(f"k must be [B, Hkv, Tk, D], got shape {tuple(k.shape)}")
-        b, h, t, d = k.shape
         bs = self.block_size
+        check_int("start", start, 0)
+        if start % bs:
+            raise ValueError(f"start must be a multiple of block_size={bs}, got {start}")
+        b, h, local, d = k.shape
+        t = start + local
         n_full = t // bs
         state = self._layers.get(layer)
-        if state is not None and not self._continues(state, k, new_tokens):
+        if state is not None and not self._continues(state, k, new_tokens, start):
             state = None
         if state is None:
+            if start:
+                raise ValueError(f"layer {layer} has no indexed blocks before start={start}: index the sequence "
+                                 "from position 0 first")
             state = _LayerState(summaries=None, anchors=None, tokens=0, seen=0)
         done = state.tokens // bs
+        if done * bs < start:
+            raise ValueError(f"layer {layer} is indexed up to {state.tokens} keys, but k starts at {start}")
         queries = self._queries(state, q, t)  # [B, Hq, t - done * bs, D] or None
         if n_full > done:
-            fresh = k[:, :, done * bs : n_full * bs].reshape(b, h, n_full - done, bs, d)
+            fresh = k[:, :, done * bs - start : n_full * bs - start].reshape(b, h, n_full - done, bs, d)
             fresh_q = None
             if queries is not None:
                 fresh_q = queries[:, :, : (n_full - done) * bs].reshape(b, -1, n_full - done, bs, d)
@@ -153,7 +166,7 @@ class BlockIndex:
         self._layers[layer] = state
         if t > n_full * bs:
             tail_q = None if state.pending_q is None else state.pending_q.unsqueeze(2)
-            tail = self._summarise(k[:, :, n_full * bs :].unsqueeze(2), tail_q)
+            tail = self._summarise(k[:, :, n_full * bs - start :].unsqueeze(2), tail_q)
             return tail if state.summaries is None else torch.cat((state.summaries, tail), dim=2)
         assert state.summaries is not None  # t >= 1 and no tail means at least one full block
         return state.summaries
@@ -177,14 +190,18 @@ class BlockIndex:
             return q[:, :, q.shape[2] - missing :]
         return None  # e.g. a cache re-indexed mid-sequence: the summariser falls back to keys alone
 
-    def _continues(self, state: _LayerState, k: Tensor, new_tokens: int | None) -> bool:
-        if new_tokens is not None and k.shape[2] - new_tokens != state.seen:
+    def _continues(self, state: _LayerState, k: Tensor, new_tokens: int | None, start: int = 0) -> bool:
+        t = start + k.shape[2]
+        if new_tokens is not None and t - new_tokens != state.seen:
             return False
-        if k.shape[2] < state.tokens:
+        if t < state.tokens:
             return False
         if state.anchors is None:
             return True
         if k.shape[:2] != state.anchors.shape[:2]:
             return False
         # One key per block: O(Tk / block_size * D), far below the attention it protects.
-        return torch.equal(k[:, :, self.block_size - 1 : state.tokens : self.block_size], state.anchors)
+        bs = self.block_size
+        first = start // bs
+        return torch.equal(k[:, :, bs - 1 : state.tokens - start : bs], state.anchors[:, :, first:])
+

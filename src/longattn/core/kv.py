@@ -141,3 +141,40 @@ class SplitKV:
                 x[:, list(self.stream_heads)] = rows
             out.append(x)
         return out[0], out[1]
+
+
+@dataclass(frozen=True)
+class ShardedKV:
+    """One layer's keys and values on one rank of a context-parallel group, for a step after the prefill.
+
+    The sequence's positions are split over the ranks in contiguous, block-aligned shards; this rank holds
+    positions ``[start, start + keys.shape[2])``. Steps after the prefill append their tokens to the last rank,
+    so only its shard grows. Every rank attends its own shard and the partial results are merged exactly
+    (:func:`longattn.ops.parallel.merge_across_ranks`).
+
+    Attributes:
+        keys, values: ``[B, Hkv, n, D]`` this rank's shard, this step's keys included on the last rank.
+        start: the shard's first position (a multiple of every block size in use).
+        kv_len: keys of the whole sequence after this step (``Tk``).
+        rank, world_size: this rank's index in the group and the group's size.
+        group: the ``torch.distributed`` process group (None: the default group).
+    """
+
+    keys: Tensor
+    values: Tensor
+    start: int
+    kv_len: int
+    rank: int
+    world_size: int
+    group: object = None
+
+    @property
+    def shape(self) -> torch.Size:
+        """``[B, Hkv, Tk, D]``: the logical shape, the whole sequence's (what a full cache would hand over)."""
+        b, h, _, d = self.keys.shape
+        return torch.Size((b, h, self.kv_len, d))
+
+    @property
+    def is_last(self) -> bool:
+        """Whether this rank holds the sequence's end (where steps append and the selection is made)."""
+        return self.rank == self.world_size - 1

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from longattn.core.positions import Rope
 from longattn.hf.cache import GrowingCache, HeadAwareCache, HeadAwareLayer, declares_streaming_heads, head_aware_layers
@@ -25,7 +26,8 @@ from longattn.hf.loading import (
     gemma3_270m_path,
     load_model,
 )
-from longattn.hf.session import AttentionStats, Observer, Session
+from longattn.hf.parallel import ShardedCache, ShardedLayer, method_granule, parallel_prefill, shard_bounds
+from longattn.hf.session import SESSION_ATTR, AttentionStats, Observer, Session
 from longattn.methods.base import Method
 from longattn.ops.block_sparse import check_backend, resolve_backend
 
@@ -41,14 +43,13 @@ KV_CACHES = ("auto", "head_aware", "full")
 """``apply(kv_cache=...)``: "head_aware" gives the model a :class:`HeadAwareCache` (streaming heads keep sinks +
 window), "full" leaves the model's cache alone, "auto" is "head_aware" where the method declares streaming heads
 (``Method.streaming_kv_heads``) and "full" elsewhere."""
-_SESSION_ATTR = "_longattn_session"
+_SESSION_ATTR = SESSION_ATTR
 
 __all__ = [
     "ATTENTION_NAME", "DEFAULT_GGUF", "EMBEDDED_MODELS", "GEMMA3_270M", "INSTALL_DEFAULT", "INSTALL_GEMMA3_270M",
     "KV_CACHES", "LAYER_TYPES", "SUPPORTED_MODEL_TYPES", "AttentionStats", "GrowingCache", "HeadAwareCache",
-    "HeadAwareLayer",
-    "Observer",
-    "Session", "apply", "check_model", "default_model_path", "gemma3_270m_path", "load_model",
+    "HeadAwareLayer", "Observer", "Session", "ShardedCache", "ShardedLayer", "apply", "check_model", "default_cache",
+    "default_model_path", "gemma3_270m_path", "load_model", "parallel_prefill", "shard_bounds",
 ]
 
 
@@ -174,6 +175,36 @@ def check_model(model: Any) -> None:
         raise ValueError(f"{type(model).__name__} has non-causal attention layers (is_causal=False)")
 
 
+def _check_parallel(model: Any, method: Method, observer: Observer | None, kv_cache: str) -> None:
+    """Refuse what context parallelism does not run, naming it."""
+    if observer is not None:
+        raise ValueError("process_group cannot be combined with an observer (each rank holds part of the keys)")
+    if kv_cache == "head_aware":
+        raise ValueError("process_group shards every KV head's cache by position; kv_cache='head_aware' cannot be "
+                         "combined with it (use 'auto' or 'full')")
+    if method.adjusts_output or getattr(method, "uses_block_means", False):
+        raise ValueError(f"method {method.name!r} adjusts outputs from keys of the whole sequence (compensation, "
+                         "calibration); it does not run under process_group")
+    if method.position_policy().changes_positions:
+        raise ValueError(f"method {method.name!r} moves positions (positions={method.positions!r}); it does not run "
+                         "under process_group (use positions='original')")
+    for i, layer in enumerate(DynamicCache(config=model.config).layers):
+        if type(layer) is not DynamicLayer:
+            raise ValueError(f"layer {i} is a sliding-window layer; process_group runs models whose layers are all "
+                             "full attention")
+
+
+def default_cache(model: Any) -> Any:
+    """The cache a fresh generation on ``model`` should use: the active session's sharded cache under a
+    ``process_group``, else a :class:`GrowingCache`."""
+    for m in _attention_modules(model):
+        session = getattr(m, _SESSION_ATTR, None)
+        if session is not None and session.cache_factory is not None and session.parallel:
+            return session.new_cache()
+        break
+    return GrowingCache()
+
+
 class apply:  # noqa: N801 - used as a context manager, reads like a function: `with longattn.apply(...)`
     """Run ``model`` with ``method`` inside the block; restore its attention implementation on exit.
 
@@ -183,6 +214,12 @@ class apply:  # noqa: N801 - used as a context manager, reads like a function: `
             :class:`HeadAwareCache`: one given no cache gets a new one, an empty ``DynamicCache`` (what
             ``generate`` makes) has its layers replaced by head-aware ones. A cache that already holds tokens, or
             any other cache class, is used as given. ``session.new_cache()`` makes one to hold yourself.
+        process_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD``): context
+            parallelism. Every rank runs this with the same model and prompt; the KV cache is a
+            :class:`~longattn.hf.parallel.ShardedCache` sharded by position over the ranks (``session.new_cache()``,
+            or what ``bench.greedy_generate`` makes), prefilled by :func:`~longattn.hf.parallel.parallel_prefill`.
+            Refused with an observer, a method that adjusts outputs or moves positions, ``kv_cache="head_aware"``
+            and sliding-window layers.
 
     Example::
 
@@ -192,7 +229,7 @@ class apply:  # noqa: N801 - used as a context manager, reads like a function: `
     """
 
     def __init__(self, model: Any, method: Method, backend: str = "auto", observer: Observer | None = None,
-                 kv_cache: str = "auto") -> None:
+                 kv_cache: str = "auto", process_group: Any = None) -> None:
         if not isinstance(method, Method):
             raise ValueError(f"method must be a longattn Method (see longattn.get_method), got {type(method).__name__}")
         check_backend(backend)
@@ -209,12 +246,16 @@ class apply:  # noqa: N801 - used as a context manager, reads like a function: `
                 f"kv_cache='head_aware' needs a method that declares streaming KV heads (duo or razor without a "
                 f"selector, streaming; no position policy); {method.name!r} with these options reads every key"
             )
-        self.head_aware = declared and kv_cache != "full"
+        self.process_group = process_group
+        if process_group is not None:
+            _check_parallel(model, method, observer, kv_cache)
+        self.head_aware = declared and kv_cache != "full" and process_group is None
         # The model's RoPE is read only when the method's position policy moves keys (and fails clearly on a
         # RoPE variant it cannot re-rotate).
         rope = Rope.from_model(model) if method.position_policy().changes_positions else None
         self.session = Session(method, backend, observer=observer, rope=rope)
         self.session.cache_factory = self.new_cache
+        self.session.parallel = process_group is not None
         # A backend that cannot run on the model's device fails here, before any forward pass.
         params = next(iter(model.parameters()), None)
         if params is not None:
@@ -223,12 +264,23 @@ class apply:  # noqa: N801 - used as a context manager, reads like a function: `
         self._modules: list[Any] = []
         self._hook: Any = None
 
-    def new_cache(self) -> "GrowingCache | HeadAwareCache":
-        """A cache for this model and method: a :class:`HeadAwareCache` when the method declares streaming heads
-        (and ``kv_cache`` is not "full"), else a :class:`GrowingCache`."""
+    def new_cache(self) -> "GrowingCache | HeadAwareCache | ShardedCache":
+        """A cache for this model and method: a :class:`~longattn.hf.parallel.ShardedCache` under a
+        ``process_group``, a :class:`HeadAwareCache` when the method declares streaming heads (and ``kv_cache`` is
+        not "full"), else a :class:`GrowingCache`."""
+        if self.process_group is not None:
+            return ShardedCache(self.model.config, self.process_group, method_granule(self.session.method))
         if self.head_aware:
             return HeadAwareCache.for_method(self.session.method, self.model.config)
         return GrowingCache()
+
+    def _sharded_only(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook under a process group: every pass must run on the session's sharded cache."""
+        if not isinstance(kwargs.get("past_key_values"), ShardedCache):
+            raise ValueError("under apply(..., process_group=...) every forward pass runs on a ShardedCache: make one "
+                             "with session.new_cache(), prefill it with longattn.parallel_prefill(model, ids, cache) "
+                             "(bench.greedy_generate does both), then pass it as past_key_values")
+        return None
 
     def _give_cache(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         """Forward pre-hook: a pass that starts a sequence gets head-aware layers (see ``kv_cache``)."""
@@ -267,7 +319,9 @@ class apply:  # noqa: N801 - used as a context manager, reads like a function: `
         except Exception:
             self.__exit__()
             raise
-        if self.head_aware:
+        if self.process_group is not None:
+            self._hook = self.model.register_forward_pre_hook(self._sharded_only, with_kwargs=True)
+        elif self.head_aware:
             self._hook = self.model.register_forward_pre_hook(self._give_cache, with_kwargs=True)
         return self.session
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from longattn.core.index import BlockIndex
-from longattn.core.kv import SplitKV
+from longattn.core.kv import ShardedKV, SplitKV
 from longattn.core.pattern import real_query_rows
 from longattn.core.positions import Reposition, Rope
 from longattn.core.selection import Selection, causal_pairs
@@ -27,6 +27,11 @@ from longattn.ops.block_sparse import (
     split_kv_attention,
 )
 from longattn.ops.dense import sliding_window_attention
+from longattn.ops.parallel import broadcast_from_last, merge_across_ranks
+
+
+SESSION_ATTR = "_longattn_session"
+"""The attribute ``apply`` sets on each attention module: the module's active :class:`Session`."""
 
 
 @dataclass
@@ -103,6 +108,8 @@ class Session:
     _memory: dict[int, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
     cache_factory: Callable[[], Any] | None = field(default=None, repr=False)
     """What :meth:`new_cache` calls (``apply`` sets it: it knows the model)."""
+    parallel: bool = False
+    """Whether the session runs under a ``process_group`` (its cache is sharded over ranks)."""
 
     def __post_init__(self) -> None:
         summariser = self.method.summariser()
@@ -174,6 +181,10 @@ class Session:
         at window cost (:func:`~longattn.ops.dense.sliding_window_attention`): the method selects on the
         full-attention layers only, and only they are counted in the stats and seen by the observer.
         """
+        if isinstance(k, ShardedKV):
+            if sliding_window is not None:
+                raise ValueError("context parallelism does not run sliding-window layers (ShardedCache refuses them)")
+            return self._attend_sharded(module, q, k, key_mask, scale)
         split = k if isinstance(k, SplitKV) else None
         if sliding_window is not None:
             if split is not None:
@@ -221,6 +232,65 @@ class Session:
         if split is not None and split.release is not None:
             split.release(key_mask)
         return out.transpose(1, 2)  # HF reshapes [B, Tq, Hq, D] itself
+
+    def _attend_sharded(self, module: Any, q: Tensor, kv: ShardedKV, key_mask: Tensor | None, scale: float) -> Tensor:
+        """A step after a context-parallel prefill, on one rank. ``q [B, Hq, Tq, D]`` (the same on every rank),
+        ``kv`` this rank's shard -> ``[B, Tq, Hq, D]``, the same on every rank.
+
+        The last rank (it holds the sequence's end, the block summaries of every block and the method's memory of
+        the prefill's last queries) selects over the whole sequence and broadcasts the block mask; every rank
+        attends its own selected blocks and the parts are merged exactly by log-sum-exp.
+        """
+        if key_mask is not None:
+            raise ValueError("context parallelism runs batches without padding: every row must be a full sequence "
+                             "(pass no attention_mask, or one of all ones)")
+        if self.observer is not None:
+            raise ValueError("observers do not run under context parallelism (each rank holds part of the keys)")
+        b, hq, tq, _ = q.shape
+        hkv, tk = kv.keys.shape[1], kv.kv_len
+        layer = int(getattr(module, "layer_idx", 0))
+        backend = self._begin(layer, tq, tk, q.device.type)
+        bs = self.method.block_size
+        qbs = self.method.query_block_size_for(tq)
+        nblk, qblk = -(-tk // bs), -(-tq // qbs)
+        heads = torch.zeros(1, dtype=torch.long, device=q.device)
+        if kv.is_last:
+            summaries = None
+            if self.index is not None:
+                summaries = self.index.update(kv.keys, layer, new_tokens=tq, q=q, start=kv.start)
+            ctx = SelectionContext(
+                kv_len=tk, q_offset=tk - tq, layer=layer, num_kv_heads=hkv, key_mask=None, device=q.device,
+                keys=None, backend=backend, step_cache=self._step_cache, scale=scale,
+                memory=self._layer_memory(layer, tq, tk),
+            )
+            try:
+                chosen = self.method.select(q, summaries, ctx)
+            except Exception as err:
+                heads[0] = -1  # the other ranks wait for this step's mask: tell them, then fail here too
+                broadcast_from_last(heads, kv.group)
+                if isinstance(err, ValueError) and "raw keys" in str(err):
+                    raise ValueError(f"method {self.method.name!r} scores raw keys after the prefill; under context "
+                                     "parallelism they live on other ranks, so it runs there in prefill only") from err
+                raise
+            mask = chosen.to_mask(nblk).to(torch.uint8)
+            heads[0] = mask.shape[1]
+        elif self.index is not None:
+            self.index.reset_layer(layer)  # what this rank indexed in prefill: only the last rank selects now
+        broadcast_from_last(heads, kv.group)
+        if int(heads) < 0:
+            raise RuntimeError(f"layer {layer}: the last rank of the group could not select this step's blocks "
+                               "(its error says why)")
+        if not kv.is_last:
+            mask = torch.empty(b, int(heads), qblk, nblk, dtype=torch.uint8, device=q.device)
+        mask = broadcast_from_last(mask, kv.group).bool()
+        selection = Selection.from_mask(mask, qbs, bs)  # the step's global selection, for the stats
+        first = kv.start // bs
+        local = Selection.from_mask(mask[..., first : -(-(kv.start + kv.keys.shape[2]) // bs)].contiguous(), qbs, bs)
+        # Every key of an earlier rank precedes every query: only the last rank's shard needs the causal limit.
+        out, lse = block_sparse_attention(q, kv.keys, kv.values, local, scale, causal=kv.is_last, backend=backend)
+        out, _ = merge_across_ranks(out, lse, kv.group)
+        self._count(tq, tk, selection.pairs(tq, tk).sum() * (hq // selection.num_heads), b * hq)
+        return out.transpose(1, 2)
 
     def _check_split(self, split: SplitKV, layer: int, hq: int) -> None:
         """A head-aware cache layer must keep what this method reads: the same streaming heads and geometry."""
