@@ -253,7 +253,10 @@ class Session:
         bs = self.method.block_size
         qbs = self.method.query_block_size_for(tq)
         nblk, qblk = -(-tk // bs), -(-tq // qbs)
-        heads = torch.zeros(1, dtype=torch.long, device=q.device)
+        # One broadcast per layer: the mask's head count (Hq, or Hkv when GQA groups share) in front of the mask,
+        # in a buffer sized for Hq; 255 there says the last rank failed (the others must not wait for a mask).
+        size = b * hq * qblk * nblk
+        buffer = torch.zeros(1 + size, dtype=torch.uint8, device=q.device)
         if kv.is_last:
             summaries = None
             if self.index is not None:
@@ -266,23 +269,23 @@ class Session:
             try:
                 chosen = self.method.select(q, summaries, ctx)
             except Exception as err:
-                heads[0] = -1  # the other ranks wait for this step's mask: tell them, then fail here too
-                broadcast_from_last(heads, kv.group)
+                buffer[0] = 255
+                broadcast_from_last(buffer, kv.group)
                 if isinstance(err, ValueError) and "raw keys" in str(err):
                     raise ValueError(f"method {self.method.name!r} scores raw keys after the prefill; under context "
                                      "parallelism they live on other ranks, so it runs there in prefill only") from err
                 raise
-            mask = chosen.to_mask(nblk).to(torch.uint8)
-            heads[0] = mask.shape[1]
+            mask = chosen.to_mask(nblk)
+            buffer[0] = mask.shape[1]
+            buffer[1 : 1 + mask.numel()] = mask.reshape(-1)
         elif self.index is not None:
             self.index.reset_layer(layer)  # what this rank indexed in prefill: only the last rank selects now
-        broadcast_from_last(heads, kv.group)
-        if int(heads) < 0:
+        broadcast_from_last(buffer, kv.group)
+        heads = int(buffer[0])
+        if heads == 255:
             raise RuntimeError(f"layer {layer}: the last rank of the group could not select this step's blocks "
                                "(its error says why)")
-        if not kv.is_last:
-            mask = torch.empty(b, int(heads), qblk, nblk, dtype=torch.uint8, device=q.device)
-        mask = broadcast_from_last(mask, kv.group).bool()
+        mask = buffer[1 : 1 + b * heads * qblk * nblk].view(b, heads, qblk, nblk).bool()
         selection = Selection.from_mask(mask, qbs, bs)  # the step's global selection, for the stats
         first = kv.start // bs
         local = Selection.from_mask(mask[..., first : -(-(kv.start + kv.keys.shape[2]) // bs)].contiguous(), qbs, bs)

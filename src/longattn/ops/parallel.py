@@ -1,8 +1,8 @@
 """Collective operations of context parallelism, on ``torch.distributed`` (gloo on CPU, NCCL on GPU).
 
 Attention over disjoint key sets merges exactly through the log-sum-exp of each part
-(:func:`~longattn.ops.merge.merge_attention`). Across ranks that merge is two collectives: the maximum of the
-ranks' ``lse`` (so no exponent overflows), then one sum of ``[out * w, w]`` with ``w = exp(lse - max)``.
+(:func:`~longattn.ops.merge.merge_attention`). Across ranks that merge is one all-gather of each rank's ``[out, lse]``
+and a log-sum-exp over the ranks on every rank.
 :func:`merge_across_ranks_reference` gathers every rank's part and folds ``merge_attention`` over them in rank
 order: the definition the fast path is tested against.
 """
@@ -26,6 +26,10 @@ def _check_parts(out: Tensor, lse: Tensor) -> None:
 def merge_across_ranks(out: Tensor, lse: Tensor, group: Any = None) -> tuple[Tensor, Tensor]:
     """Merge each rank's attention over its own keys into attention over every rank's keys.
 
+    One collective: every rank's ``[out, lse]`` packed in one tensor and all-gathered, then merged on each rank by
+    log-sum-exp over the ranks at once (the same arithmetic everywhere, so every rank gets the same bits). A
+    decode step's parts are a few KB, where the latency of each collective, not its volume, is the cost.
+
     Args:
         out: ``[B, H, T, D]`` this rank's normalised output over its keys (0 where it saw none).
         lse: ``[B, H, T]`` float32 log-sum-exp of its scaled scores (``-inf`` where it saw no key).
@@ -36,16 +40,18 @@ def merge_across_ranks(out: Tensor, lse: Tensor, group: Any = None) -> tuple[Ten
         saw a key for keeps ``out = 0``, ``lse = -inf``).
     """
     _check_parts(out, lse)
-    lse = lse.float()
-    top = lse.clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    world = dist.get_world_size(group)
+    packed = torch.cat((out.float(), lse.float().unsqueeze(-1)), dim=-1).contiguous()
+    parts = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(parts, packed, group=group)
+    stacked = torch.stack(parts)  # [W, B, H, T, D + 1]
+    outs, lses = stacked[..., :-1], stacked[..., -1]
+    top = lses.amax(dim=0)
     safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    w = torch.exp(lse - safe).unsqueeze(-1)  # a rank with no key: exp(-inf) = 0
-    packed = torch.cat((out.float() * w, w), dim=-1)  # one collective for numerator and denominator
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    den = packed[..., -1:]
-    merged = torch.where(den > 0, packed[..., :-1] / den.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    total = torch.where(den[..., 0] > 0, safe + torch.log(den[..., 0]), torch.full_like(safe, float("-inf")))
+    w = torch.exp(lses - safe)  # a rank with no key: exp(-inf) = 0
+    den = w.sum(dim=0)
+    merged = (w.unsqueeze(-1) * outs).sum(dim=0) / den.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    total = torch.where(den > 0, safe + torch.log(den), torch.full_like(safe, float("-inf")))
     return merged.to(out.dtype), total
 
 
