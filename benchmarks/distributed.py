@@ -3,6 +3,7 @@ whether N ranks give a single process's greedy tokens on the harness's passkey p
 
     python benchmarks/distributed.py [--length 32k] [--ranks 1,2,4] [--methods moba,dense] [--decode 16]
                                      [--out docs/results/distributed/results.jsonl]
+    python benchmarks/distributed.py --threads 1 --ranks 1,2 --methods moba      # a core per rank
     python benchmarks/distributed.py --passkey 4k --prompts 10 --ranks 2 --methods moba
     python benchmarks/distributed.py --report docs/results/distributed/results.jsonl
 
@@ -59,7 +60,7 @@ def worker(args: argparse.Namespace) -> None:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo")
     model, tok = longattn.load_model()
     method = longattn.get_method(args.cell_method)
@@ -110,6 +111,7 @@ def worker(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps({
             "mode": "scaling", "method": args.cell_method, "ranks": world, "length": args.length,
             "decode": args.decode, "density": density, "per_rank": everyone, "tokens": out.tokens.tolist(),
+            "threads_forced": args.threads,
             "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         }), flush=True)
     dist.destroy_process_group()
@@ -119,7 +121,7 @@ def key(r: dict) -> tuple:
     if r["mode"] == "passkey":
         return ("passkey", r["method"], r["ranks"], r["single"], tuple(sorted({x["length"] for x in r["rows"]})),
                 len(r["rows"]))
-    return ("scaling", r["method"], r["ranks"], r["length"], r["decode"])
+    return ("scaling", r["method"], r["ranks"], r["length"], r["decode"], r.get("threads_forced", 0))
 
 
 def report(path: Path) -> str:
@@ -129,12 +131,12 @@ def report(path: Path) -> str:
     out = []
     if scaling:
         out += [f"{scaling[0]['cpu']}, torch {scaling[0]['torch']}, float32, gloo; threads per rank = cores / ranks", "",
-                "| method | tokens | ranks | prefill s (slowest rank) | prefill vs 1 rank | decode ms/token | KV per rank "
+                "| method | tokens | ranks | threads per rank | prefill s (slowest rank) | prefill vs 1 rank | decode ms/token | KV per rank "
                 "(GiB, max) | KV per rank vs 1 rank | peak RSS above start per rank (GiB, max) | same tokens as 1 rank |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-        base = {(r["method"], r["length"]): r for r in scaling if r["ranks"] == 1}
-        for r in sorted(scaling, key=lambda r: (r["method"], r["length"], r["ranks"])):
-            b = base.get((r["method"], r["length"]))
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        base = {(r["method"], r["length"], r.get("threads_forced", 0)): r for r in scaling if r["ranks"] == 1}
+        for r in sorted(scaling, key=lambda r: (r["method"], r.get("threads_forced", 0), r["length"], r["ranks"])):
+            b = base.get((r["method"], r["length"], r.get("threads_forced", 0)))
             pre = max(p["prefill_s"] for p in r["per_rank"])
             kv = max(p["kv_held_bytes"] for p in r["per_rank"])
             peak = max(p["peak_rss_above_start"] for p in r["per_rank"])
@@ -142,7 +144,7 @@ def report(path: Path) -> str:
             b_pre = None if b is None else max(p["prefill_s"] for p in b["per_rank"])
             b_kv = None if b is None else max(p["kv_held_bytes"] for p in b["per_rank"])
             out.append(
-                f"| {r['method']} | {r['length']} | {r['ranks']} | {pre:.1f} | "
+                f"| {r['method']} | {r['length']} | {r['ranks']} | {r['threads']} | {pre:.1f} | "
                 f"{'' if b_pre is None else f'{b_pre / pre:.2f}x'} | {dec * 1e3:.0f} | {kv / gib:.3f} | "
                 f"{'' if b_kv is None else f'{kv / b_kv:.2f}'} | {peak / gib:.2f} | "
                 f"{'' if b is None else ('yes' if b['tokens'] == r['tokens'] else 'no')} |")
@@ -166,6 +168,9 @@ def main() -> None:
     parser.add_argument("--ranks", default="1,2,4")
     parser.add_argument("--methods", default="moba,dense")
     parser.add_argument("--decode", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads per rank (0: the cores divided by the ranks); 1 with ranks <= cores gives "
+                             "each rank a core of its own, the scaling a machine per rank would see")
     parser.add_argument("--passkey", help="lengths of a passkey check instead of the scaling cells, e.g. 4k")
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("docs/results/distributed/results.jsonl"))
@@ -197,13 +202,13 @@ def main() -> None:
                 k = ("passkey", method, ranks, bool(single), tuple(int(x) for x in passkey.split(",")),
                      args.prompts * len(passkey.split(",")))
             else:
-                k = ("scaling", method, ranks, length, args.decode)
+                k = ("scaling", method, ranks, length, args.decode, args.threads)
             if k in done:
                 print(f"skip {k}", flush=True)
                 continue
             cmd = [torchrun, "--standalone", f"--nproc-per-node={ranks}", str(HERE), "--cell-method", method,
                    "--length", str(length), "--decode", str(args.decode), "--single", str(single),
-                   "--prompts", str(args.prompts)] + (["--passkey", passkey] if passkey else [])
+                   "--prompts", str(args.prompts), "--threads", str(args.threads)] + (["--passkey", passkey] if passkey else [])
             t0 = time.perf_counter()
             result = subprocess.run(cmd, capture_output=True, text=True)
             lines = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")]

@@ -98,6 +98,11 @@ def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
                     call()
                 except ValueError as err:
                     errors[label] = str(err)
+            # A method that scores raw keys in decode fails on every rank (the last one says why), none waits.
+            try:
+                _raw_keys_decode(model, ids, steps)
+            except (ValueError, RuntimeError) as err:
+                errors["raw-keys"] = str(err)
             results["errors"] = errors
         dist.barrier()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -107,6 +112,14 @@ def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _raw_keys_decode(model, ids, steps):
+    method = longattn.get_method("blockmax", block_size=16, top_k=2, window=16)
+    with longattn.apply(model, method, process_group=dist.group.WORLD) as session:
+        cache = session.new_cache()
+        longattn.parallel_prefill(model, ids, cache)
+        model(input_ids=steps[:, :1], past_key_values=cache, use_cache=True)
 
 
 def _short_prompt(model, ids):
@@ -212,6 +225,9 @@ def test_refusals_name_what_is_unsupported(ranks):
         assert "adjusts outputs" in errors["razor"]
         assert "cannot be sharded" in errors["short"]
         assert "ShardedCache" in errors["plain-forward"]
+    assert "scores raw keys after the prefill" in results[-1]["errors"]["raw-keys"]
+    for res in results[:-1]:
+        assert "the last rank of the group could not select" in res["errors"]["raw-keys"]
 
 
 def test_shard_bounds():

@@ -159,14 +159,17 @@ def _nll_record(nll: Tensor, eval_tokens: int) -> dict[str, Any]:
 
 
 def run_cell(model: Any, tokenizer: Any, task: ModuleType, example: Example, method: Method,
-             recall_queries: int, max_new_tokens: int, backend: str = "auto") -> dict[str, Any]:
-    """Run one method on one example (attention on ``backend``); returns the measured fields of the cell's record."""
+             recall_queries: int, max_new_tokens: int, backend: str = "auto",
+             process_group: Any = None) -> dict[str, Any]:
+    """Run one method on one example (attention on ``backend``; context parallel over ``process_group``, every rank
+    running the same cell); returns the measured fields of the cell's record (memory: this rank's)."""
     device = next(model.parameters()).device
     ids = _encode(tokenizer, example.prompt, device)
     recorder = RecallRecorder(recall_queries) if recall_queries > 0 else None
     kind = getattr(task, "KIND", "generate")
     rec: dict[str, Any] = {"prediction": None, "score": None, "first": None, "nll": None}
-    with PeakMemory(device) as mem, apply(model, method, backend=backend, observer=recorder) as session:
+    with PeakMemory(device) as mem, apply(model, method, backend=backend, observer=recorder,
+                                          process_group=process_group) as session:
         if kind == "nll":
             start = time.perf_counter()
             nll = token_nll(model, ids)
@@ -219,6 +222,7 @@ def run_sweep(
     progress: Any = None,
     backend: str = "auto",
     paired: bool = False,
+    process_group: Any = None,
 ) -> SweepSummary:
     """Sweep the grid and append one JSON line per cell to ``out``; cells already there are skipped.
 
@@ -236,6 +240,8 @@ def run_sweep(
         backend: the attention backend every cell runs on (see :data:`longattn.ops.BACKENDS`).
         paired: run the i-th seed at the i-th depth only (``depths`` and ``seeds`` of equal length), not every
             depth with every seed.
+        process_group: a ``torch.distributed`` group to run every cell context parallel over (every rank calls
+            ``run_sweep`` with the same arguments; rank 0 writes ``out``). Needs ``recall_queries=0``.
     """
     check_backend(backend)
     unknown = [t for t in tasks if t not in TASKS]
@@ -259,7 +265,13 @@ def run_sweep(
         raise ValueError(f"paired depths and seeds must be as many, got {len(depths)} depths and {len(seeds)} seeds")
     if out is not None and Path(out).is_dir():
         raise ValueError(f"out={str(out)!r} is a directory; name the JSONL file to append results to")
+    if process_group is not None and recall_queries:
+        raise ValueError(f"recall_queries={recall_queries}: attention recall is an observer, which context "
+                         "parallelism does not run; pass recall_queries=0 with process_group")
+    writer = process_group is None or torch.distributed.get_rank(process_group) == 0
     done = finished_keys(Path(out)) if out is not None else set()
+    if process_group is not None:
+        torch.distributed.barrier(process_group)  # every rank has read what is done before rank 0 appends
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
     configs = {label: method_config(m) for label, m in methods.items()}
@@ -267,6 +279,10 @@ def run_sweep(
     context = {"model": model_id, "hardware": hardware(), "versions": versions(), "backend": backend, "dtype": dtype}
     # float32 cells keep the key they had before the dtype was recorded, so old result files still resume.
     key_model = model_id if dtype == "float32" else f"{model_id} ({dtype})"
+    if process_group is not None:  # a context-parallel cell is its own cell; the ranks go with the hardware
+        world = torch.distributed.get_world_size(process_group)
+        key_model += f" [context parallel x{world}]"
+        context["hardware"] = {**context["hardware"], "context_parallel_ranks": world}
 
     grid = []
     for name in tasks:
@@ -282,7 +298,7 @@ def run_sweep(
     bar = progress.add_task("bench", total=total) if progress is not None else None
     ran = skipped = failed = 0
     records: list[dict[str, Any]] = []
-    with Path(out).open("a") if out is not None else nullcontext() as sink:
+    with Path(out).open("a") if out is not None and writer else nullcontext() as sink:
         for name, haystack, length, depth, seed in grid:
             task = TASKS[name]
             keys = {label: cell_key(name, haystack, label, configs[label], key_model, length, depth, seed)
@@ -313,7 +329,7 @@ def run_sweep(
                     budget = max_new_tokens or getattr(task, "MAX_NEW_TOKENS", 16)
                     try:
                         record.update(run_cell(model, tokenizer, task, example, methods[label], recall_queries, budget,
-                                                backend))
+                                                backend, process_group))
                         first = record.pop("_first_logprobs", None)
                         if methods[label].name == "dense" and reference is None:
                             reference = first

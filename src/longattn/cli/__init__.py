@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from longattn.cli.common import (
-    DTYPE_HELP, LENGTHS_HELP, MODEL_HELP, checked_method, grid, load, method_specs, parse_config, progress_bar, usage,
+    CONTEXT_PARALLEL_HELP, DTYPE_HELP, LENGTHS_HELP, MODEL_HELP, checked_method, context_parallel, grid, load,
+    method_specs, parse_config, progress_bar, usage,
 )
 from longattn.cli.demo import demo
 from longattn.cli.heads import heads_app
@@ -48,12 +49,14 @@ def generate(
     device: str = typer.Option("cpu", help="cpu, or cuda (bfloat16; the GPU kernels run there)."),
     backend: str = typer.Option("auto", help="Attention backend, one of longattn.ops.BACKENDS (auto: triton on cuda)."),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    context_parallel_: bool = typer.Option(False, "--context-parallel", help=CONTEXT_PARALLEL_HELP),
 ) -> None:
     """Run one greedy generation with a method and print the text, timings and density."""
     import longattn
     from longattn.bench import greedy_generate
 
-    console = Console()
+    group, rank = context_parallel(context_parallel_, device)
+    console = Console(quiet=rank != 0)
     chosen = checked_method(method, **parse_config(set_))
     text = prompt_file.read_text()
     if not text.strip():
@@ -64,7 +67,7 @@ def generate(
         text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt").input_ids.to(device)
     with console.status(f"{method}: prefill of {ids.shape[1]} tokens"), usage("--model", "--method", "--backend"), \
-            longattn.apply(lm, chosen, backend=backend) as session:
+            longattn.apply(lm, chosen, backend=backend, process_group=group) as session:
         result = greedy_generate(lm, ids, max_new_tokens, tok.eos_token_id)
     console.print(tok.decode(result.tokens, skip_special_tokens=True))
     console.print(f"[dim]{method}: {ids.shape[1]} prompt tokens, prefill {result.prefill_s:.2f}s, {len(result.tokens)} "
@@ -90,6 +93,8 @@ def bench(
     device: str = typer.Option("cpu", help="cpu, or cuda (bfloat16; the GPU kernels run there)."),
     backend: str = typer.Option("auto", help="Attention backend, one of longattn.ops.BACKENDS (auto: triton on cuda)."),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    context_parallel_: bool = typer.Option(False, "--context-parallel", help=CONTEXT_PARALLEL_HELP + " Needs "
+                                           "--recall-queries 0."),
 ) -> None:
     """Sweep tasks x methods x lengths x depths x seeds on one model; one JSON line per cell (resumable)."""
     from longattn.bench.runner import finished_keys, run_sweep
@@ -97,7 +102,11 @@ def bench(
     from longattn.bench.tasks.haystack import HAYSTACKS
     from longattn.hf import DEFAULT_GGUF
 
-    console = Console()
+    if context_parallel_ and recall_queries:
+        raise typer.BadParameter("attention recall is an observer, which context parallelism does not run: pass "
+                                 "--recall-queries 0", param_hint="--context-parallel")
+    group, rank = context_parallel(context_parallel_, device)
+    console = Console(quiet=rank != 0)
     tasks = [t.strip() for t in task.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if not tasks or unknown:
@@ -115,7 +124,7 @@ def bench(
         summary = run_sweep(
             lm, tok, tasks=tasks, methods=chosen, lengths=sizes, depths=where, seeds=list(range(seeds)),
             out=out, model_id=model or DEFAULT_GGUF, haystacks=stacks, recall_queries=recall_queries,
-            max_new_tokens=max_new_tokens, progress=progress, backend=backend,
+            max_new_tokens=max_new_tokens, progress=progress, backend=backend, process_group=group,
         )
     console.print(f"{summary.ran} cells run, {summary.skipped} already in {out}, {summary.failed} failed")
 

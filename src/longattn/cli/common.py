@@ -107,3 +107,31 @@ def method_specs(names: str, settings: list[str]) -> dict[str, Any]:
             raise typer.BadParameter(f"expects method.key=value naming one of --methods, got {item!r}", param_hint="--set")
         per[target].append(rest)
     return {label: checked_method(label, "--methods", "--set", **parse_config(per[label])) for label in labels}
+
+
+CONTEXT_PARALLEL_HELP = ("Shard the KV cache by position over the ranks of torchrun (torchrun --nproc-per-node N -m "
+                         "longattn.cli ...): gloo on cpu, NCCL on cuda. Rank 0 prints and writes.")
+
+
+def context_parallel(enabled: bool, device: str) -> tuple[Any, int]:
+    """``(process group, rank)`` for ``--context-parallel``: the torchrun world, initialised here (gloo on cpu, NCCL
+    on cuda; each rank gets the CPU's cores divided among the ranks on this node), or ``(None, 0)``."""
+    import os
+
+    if not enabled:
+        return None, 0
+    import torch
+    import torch.distributed as dist
+
+    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise typer.BadParameter(f"runs under torchrun (the environment lacks {', '.join(missing)}): "
+                                 "torchrun --nproc-per-node N -m longattn.cli ... --context-parallel",
+                                 param_hint="--context-parallel")
+    if not dist.is_initialized():
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    return dist.group.WORLD, dist.get_rank()
