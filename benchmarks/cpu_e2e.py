@@ -34,7 +34,7 @@ def run_cell(method_name: str, length: int, dtype_name: str, decode: int, cache_
     import torch
 
     import longattn
-    from longattn.bench.runner import hardware
+    from longattn.bench.cells import hardware
     from longattn.bench.tasks import niah_single
 
     dtype = getattr(torch, dtype_name)
@@ -130,7 +130,8 @@ def main() -> None:
         name, length, dtype, decode, cache = sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), sys.argv[6]
         print(json.dumps(run_cell(name, length, dtype, decode, cache)))
         return
-    from longattn.bench.runner import hardware, parse_lengths
+    from longattn.bench.cells import hardware
+    from longattn.bench.runner import parse_lengths
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="2k,4k,8k,16k,32k")

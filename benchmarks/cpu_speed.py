@@ -171,7 +171,7 @@ def fmt(r: dict | None) -> str:
 
 def report(results: list[dict]) -> str:
     by = {key(r): r for r in results}
-    from longattn.bench.runner import hardware
+    from longattn.bench.cells import hardware
     from longattn.ops.block_sparse.native import bf16_supported, native_unavailable_reason
 
     lines = [

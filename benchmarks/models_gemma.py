@@ -42,7 +42,7 @@ def speed_cell(name: str, length: int) -> dict:
     import torch
 
     import longattn
-    from longattn.bench.runner import hardware
+    from longattn.bench.cells import hardware
     from longattn.bench.tasks import niah_single
 
     model, tok = longattn.load_model("gemma-3-270m")

@@ -181,7 +181,7 @@ def test_heads_are_profiled_and_duo_selects_on_the_full_attention_layers_only(de
 
 
 def test_position_policies_read_the_full_attention_rope_and_refuse_partial_rotary():
-    from longattn.core.positions import Rope
+    from longattn.core.rope import Rope
 
     model = make("gemma3_text")
     rope = Rope.from_model(model)

@@ -175,7 +175,7 @@ def test_paired_runs_the_ith_seed_at_the_ith_depth(tiny, monkeypatch):
 
 
 def test_a_composed_method_records_a_config_that_rebuilds_it():
-    from longattn.bench.runner import method_config
+    from longattn.bench.cells import method_config
 
     moba = longattn.get_method("moba", block_size=16, top_k=3, window=32)
     duo = longattn.get_method("duo", retrieval_heads=((0, 1),), block_size=16, selector=moba)

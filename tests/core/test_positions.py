@@ -7,18 +7,9 @@ import math
 import pytest
 import torch
 
-from longattn.core.positions import (
-    POLICIES,
-    DualChunk,
-    InfLLMLayout,
-    LongHeadsLayout,
-    Original,
-    Reposition,
-    Rope,
-    SelfExtend,
-    position_policy,
-    rotate,
-)
+from longattn.core.positions import POLICIES, DualChunk, InfLLMLayout, LongHeadsLayout, Original, SelfExtend, position_policy
+from longattn.core.reposition import Reposition
+from longattn.core.rope import Rope, rotate
 from longattn.core.selection import Selection
 from longattn.ops import block_sparse_attention, block_sparse_attention_gather
 from tests.conftest import tiny_model

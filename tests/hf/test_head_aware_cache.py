@@ -9,7 +9,8 @@ from transformers.cache_utils import DynamicCache
 
 import longattn
 from longattn.analysis import RecallRecorder
-from longattn.hf.cache import GrowingLayer, HeadAwareCache, HeadAwareLayer
+from longattn.hf.cache import GrowingLayer
+from longattn.hf.head_aware import HeadAwareCache, HeadAwareLayer
 from tests.conftest import tiny_model
 from tests.hf.test_cache import _run
 

@@ -9,7 +9,7 @@ import torch
 import longattn
 from longattn.hf.session import Session
 from longattn.methods import SelectionContext
-from longattn.methods.topk import top_p_blocks
+from longattn.ops.block_topk.pick import top_p_blocks
 from longattn.ops import block_sparse_attention
 from longattn.ops.summary_attention import block_means
 from tests.conftest import tiny_model

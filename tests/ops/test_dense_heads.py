@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longattn.core.positions import Original, Reposition, Rope
+from longattn.core.positions import Original
+from longattn.core.reposition import Reposition
+from longattn.core.rope import Rope
 from longattn.core.selection import Selection
 from longattn.ops import block_sparse_attention, block_sparse_attention_naive, native_available
 from tests.ops.common import case_id, make_qkv, rel_rms

@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from longattn.core.positions import InfLLMLayout, LongHeadsLayout, Original, Reposition, Rope, SelfExtend
+from longattn.core.positions import InfLLMLayout, LongHeadsLayout, Original, SelfExtend
+from longattn.core.reposition import Reposition
+from longattn.core.rope import Rope
 from longattn.core.selection import Selection
 from longattn.ops import block_sparse_attention, block_sparse_attention_gather, block_sparse_attention_naive
 from tests.ops.common import assert_matches_naive, case_id, make_qkv, rel_rms

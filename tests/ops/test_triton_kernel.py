@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from longattn.core.positions import LongHeadsLayout, Reposition, Rope
+from longattn.core.positions import LongHeadsLayout
+from longattn.core.reposition import Reposition
+from longattn.core.rope import Rope
 from longattn.core.selection import Selection
 from longattn.ops import backend_function, block_sparse_attention, block_sparse_attention_naive
 from tests.ops.common import assert_matches_naive, full_selection, make_qkv, masked_dense, rel_rms

@@ -97,7 +97,8 @@ def bench(
                                            "--recall-queries 0."),
 ) -> None:
     """Sweep tasks x methods x lengths x depths x seeds on one model; one JSON line per cell (resumable)."""
-    from longattn.bench.runner import finished_keys, run_sweep
+    from longattn.bench.cells import finished_keys
+    from longattn.bench.runner import run_sweep
     from longattn.bench.tasks import TASKS
     from longattn.bench.tasks.haystack import HAYSTACKS
     from longattn.hf import DEFAULT_GGUF

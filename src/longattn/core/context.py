@@ -15,7 +15,7 @@ from torch import Tensor
 
 from longattn.core.kv import SplitKV
 from longattn.core.pattern import StepPattern
-from longattn.core.positions import Reposition
+from longattn.core.reposition import Reposition
 
 
 @dataclass

@@ -5,7 +5,9 @@ blocks are selected. A position policy re-encodes the distance of every *far* ke
 the query block's local window; sinks included) so that each head only sees distances it was trained on;
 keys of the local window (:func:`~longattn.core.pattern.window_first_block`) keep their exact distances.
 Rotating a post-RoPE vector by ``delta * inv_freq`` gives the vector RoPE would have produced at ``position +
-delta``, so the policies work on the cached post-RoPE keys and queries, without touching the model or its cache.
+delta``, so the policies work on the cached post-RoPE keys and queries, without touching the model or its cache
+(:mod:`longattn.core.rope` reads the model's RoPE and rotates; :mod:`longattn.core.reposition` binds a policy to
+it for the operator).
 
 Policies (``Method.positions``):
 
@@ -31,9 +33,8 @@ exact pass per region through its fastest backend and merges them by log-sum-exp
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -42,85 +43,6 @@ from longattn.core.checks import check_int
 from longattn.core.pattern import window_first_block
 
 POLICIES = ("original", "longheads", "infllm", "self_extend", "dca")
-# RoPE variants whose encoding is a pure rotation by position x inv_freq (any static frequency rescaling is
-# already in the model's inv_freq). "dynamic" changes inv_freq with the sequence length and "longrope" keeps
-# two sets of frequencies, so a re-rotation with one inv_freq would be wrong for them.
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-
-
-def rotate(x: Tensor, delta: Tensor, inv_freq: Tensor) -> Tensor:
-    """Move RoPE-encoded vectors by ``delta`` positions (Hugging Face's rotate-half layout).
-
-    Args:
-        x: ``[..., n, D]`` post-RoPE queries or keys.
-        delta: ``[..., n]`` integer position shifts (broadcastable to ``x.shape[:-1]``); 0 leaves a row as is.
-        inv_freq: ``[D / 2]`` the model's RoPE inverse frequencies.
-
-    Returns:
-        ``[..., n, D]`` in ``x``'s dtype: ``x`` as RoPE would have encoded it at ``position + delta``.
-    """
-    d = x.shape[-1]
-    if inv_freq.dim() != 1 or 2 * inv_freq.shape[0] != d:
-        raise ValueError(f"inv_freq must be [D/2 = {d // 2}] for head dim {d}, got {tuple(inv_freq.shape)}")
-    angle = _angle(delta, inv_freq)
-    cos, sin = angle.cos(), angle.sin()
-    xf = x.float()
-    x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-
-
-def _angle(delta: Tensor, inv_freq: Tensor) -> Tensor:
-    """``delta [...]`` x ``inv_freq [D/2]`` -> ``[..., D/2]`` float32 angles, computed in float64 and reduced mod
-    2*pi first: at 32k positions a float32 product is off by ~1e-3 rad."""
-    return torch.remainder(delta.to(torch.float64).unsqueeze(-1) * inv_freq.to(torch.float64), 2 * math.pi).float()
-
-
-@dataclass(frozen=True)
-class Rope:
-    """What a policy needs to know about the model's position encoding.
-
-    Attributes:
-        inv_freq: ``[D / 2]`` float32 inverse frequencies, read from the model (rescaled ones included).
-        trained_window: the longest distance the model was trained on (``max_position_embeddings``).
-    """
-
-    inv_freq: Tensor
-    trained_window: int
-
-    @classmethod
-    def from_model(cls, model: Any) -> "Rope":
-        """Read the rotary embedding of a Llama-family model; unsupported RoPE variants raise ``ValueError``."""
-        config = getattr(model, "config", None)
-        rotary = [m for m in model.modules() if hasattr(m, "rope_type")
-                  and (hasattr(m, "inv_freq") or hasattr(m, "full_attention_inv_freq"))]
-        if not rotary:
-            raise ValueError(
-                f"{type(model).__name__} has no rotary embedding module (with inv_freq and rope_type); position "
-                "policies need a RoPE model (Llama, Mistral, Qwen2, Qwen3, SmolLM, Gemma 3)"
-            )
-        module = rotary[0]
-        rope_type, inv_freq = module.rope_type, getattr(module, "inv_freq", None)
-        if isinstance(rope_type, dict):
-            # RoPE per layer type (Gemma 3: local and global theta). Policies act where the method selects,
-            # on the full-attention layers; sliding layers run at real positions inside their window.
-            rope_type, inv_freq = rope_type.get("full_attention"), getattr(module, "full_attention_inv_freq", None)
-            if inv_freq is None:
-                raise ValueError(f"{type(model).__name__}'s RoPE has no full_attention entry; position policies "
-                                 "read the full-attention layers' RoPE")
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
-                f"RoPE type {rope_type!r} is not supported by position policies; supported: "
-                f"{', '.join(SUPPORTED_ROPE_TYPES)}"
-            )
-        params = getattr(config, "rope_parameters", None) or {}
-        partial = getattr(config, "partial_rotary_factor", None) or (
-            params.get("partial_rotary_factor") if isinstance(params, dict) else None) or 1.0
-        if partial != 1.0:
-            raise ValueError(f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported by "
-                             "position policies")
-        window = getattr(config, "max_position_embeddings", None)
-        check_int("max_position_embeddings", window, 1)
-        return cls(inv_freq.detach().float().clone(), int(window))
 
 
 @dataclass(frozen=True)
@@ -342,141 +264,3 @@ def position_policy(spec: "str | PositionPolicy") -> PositionPolicy:
     if isinstance(spec, str) and spec in _BY_NAME:
         return _BY_NAME[spec]()
     raise ValueError(f"positions must be one of {POLICIES} or a longattn.core.positions.PositionPolicy, got {spec!r}")
-
-
-@dataclass(frozen=True)
-class Reposition:
-    """A policy bound to a model's RoPE and a method's local window: what the operator applies.
-
-    Attributes:
-        policy: the position policy.
-        rope: the model's inverse frequencies and trained window.
-        window: tokens before each query block whose keys keep exact distances (the method's ``window``).
-    """
-
-    policy: PositionPolicy
-    rope: Rope
-    window: int
-    # cos / sin of every integer shift in [-reach, reach]: [2 * reach + 1, D / 2] each. Shifts are integers, so
-    # a table lookup replaces a sine and a cosine per element (measured: the trigonometry cost as much as the
-    # attention itself at 16k tokens).
-    _table: dict[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        # Sizes a policy leaves to the model (DCA's chunk) are fixed once, here, from its trained window.
-        object.__setattr__(self, "policy", self.policy.for_window(self.rope.trained_window))
-
-    def rotate(self, x: Tensor, delta: Tensor) -> Tensor:
-        """Same contract as :func:`rotate` with this model's ``inv_freq``, from a cached table of integer shifts.
-
-        ``x [..., n, D]``, ``delta [..., n]`` integer (broadcastable) -> ``[..., n, D]`` in ``x``'s dtype.
-        """
-        reach = int(delta.abs().max()) if delta.numel() else 0
-        cos, sin = self._trig(reach, x.device)
-        at = delta.long() + (cos.shape[0] // 2)
-        c, s = cos[at], sin[at]  # [..., n, D / 2], often one row per block: small
-        h = x.shape[-1] // 2
-        xf = x.float()
-        x1, x2 = xf[..., :h], xf[..., h:]
-        # Written into the two halves of one output (no concatenation copy); c and s broadcast at their own,
-        # often per-block, shape.
-        out = torch.empty(torch.broadcast_shapes(xf.shape, (*c.shape[:-1], 2 * h)), device=x.device)
-        torch.mul(x1, c, out=out[..., :h]).addcmul_(x2, s, value=-1.0)
-        torch.mul(x2, c, out=out[..., h:]).addcmul_(x1, s)
-        return out.to(x.dtype)
-
-    def _trig(self, reach: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        table = self._table
-        if "cos" not in table or table["cos"].shape[0] // 2 < reach or table["cos"].device != device:
-            size = max(reach, 2 * (table["cos"].shape[0] // 2) if "cos" in table else 4096)
-            angle = _angle(torch.arange(-size, size + 1), self.rope.inv_freq)
-            table["cos"], table["sin"] = angle.cos().to(device), angle.sin().to(device)
-        return table["cos"], table["sin"]
-
-    @property
-    def score_cap(self) -> int:
-        """The distance far blocks are scored at (the policy's ``score_cap``, default half the trained window)."""
-        return self.policy.score_cap or self.rope.trained_window // 2
-
-    def capped_scores(
-        self, score: Callable[[Tensor, Tensor], Tensor], q: Tensor, summaries: Tensor, scores: Tensor, q_offset: int,
-        block_size: int,
-    ) -> Tensor:
-        """Replace the scores of blocks farther than :attr:`score_cap` by their scores at that distance.
-
-        Args:
-            score: the method's ``score(q, summaries) -> [B, Hq, Tq, Nblk]``.
-            q: ``[B, Hq, Tq, D]`` post-RoPE queries at positions ``q_offset + t``.
-            summaries: ``[B, Hkv, Nblk, R, D]`` summaries of post-RoPE keys (means, pooled keys, representatives).
-            scores: ``[B, Hq, Tq, Nblk]`` ``score(q, summaries)`` at real positions.
-
-        Returns:
-            ``[B, Hq, Tq, Nblk]``: real scores for blocks within the cap, capped-distance scores beyond it.
-        """
-        tq, nblk = q.shape[2], summaries.shape[2]
-        cap = self.score_cap
-        at = q_offset + torch.arange(tq, device=q.device)
-        centre = torch.arange(nblk, device=q.device) * block_size + block_size // 2
-        far = (at.view(-1, 1) - centre.view(1, -1)) > cap  # [Tq, Nblk]
-        if not bool(far.any()):
-            return scores
-        # Query to position `cap`, each summary from its block's centre to 0: every pair at distance `cap`.
-        moved_q = self.rotate(q, (cap - at).view(1, 1, tq))
-        moved_s = self.rotate(summaries, (-centre).view(1, 1, nblk, 1).expand(1, 1, nblk, summaries.shape[3]))
-        return torch.where(far, score(moved_q, moved_s), scores)
-
-    def shifted_keys(self, k: Tensor, start: int = 0) -> Tensor | None:
-        """``k [B, Hkv, Tk, D]`` (the keys at positions ``start ..``) with the policy's per-token shift applied
-        to every key (far keys are gathered from it), or None when the policy has no per-token shift."""
-        positions = start + torch.arange(k.shape[2], device=k.device)
-        shift = self.policy.token_shift(positions)
-        return None if shift is None else self.rotate(k, shift)
-
-    def plan(
-        self, idx: Tensor, pos: Tensor, rows: Tensor, bs: int, valid: Tensor
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Far blocks and the per-block and query shifts of one chunk of query blocks.
-
-        Args:
-            idx: ``[B, H, C, W]`` int64 selected key blocks (-1 padding); pos: ``[B, H, C, W, bs]`` int64 token
-                positions; rows: ``[C, R]`` int64 query-row positions (row 0 of a block is its first query);
-                valid: ``[B, H, C, W, bs]`` bool keys that are attended at all.
-
-        Returns:
-            ``far [B, H, C, W, 1]`` bool, ``block_shift [B, H, C, W, 1]`` int64 (0 on near blocks) or None, and
-            ``query_shift [C, R]`` int64 or None. Raises ``ValueError`` when a far key would be seen farther
-            than the trained window.
-        """
-        first = rows[:, 0]
-        lo = window_first_block(first, self.window, bs)  # [C], the window core.pattern keeps
-        far_blocks = (idx >= 0) & (idx < lo.view(1, 1, -1, 1))
-        far = far_blocks.unsqueeze(-1)
-        block = self.policy.block_shift(idx, far_blocks, lo, bs)
-        if block is not None:
-            block = torch.where(far, block, 0)
-        query = self.policy.query_shift(rows, lo, self.window, bs)
-        seen = far & valid
-        # `original` moves nothing: real distances past the window are the caller's choice, as without longattn.
-        if self.policy.changes_positions and bool(seen.any()):
-            shift = self.policy.token_shift(pos)
-            key_at = pos if shift is None else pos + shift
-            if block is not None:
-                key_at = key_at + block
-            q_at = rows if query is None else rows + query
-            k_first = torch.where(seen, key_at, torch.iinfo(torch.int64).max).amin(dim=(0, 1, 3, 4))
-            farthest = int((q_at.amax(dim=1) - k_first).max())
-            if farthest >= self.rope.trained_window:
-                raise ValueError(self._too_far(farthest, int(rows.max()) + 1))
-        return far, block, query
-
-    def _too_far(self, farthest: int, length: int) -> str:
-        p = self.policy
-        if isinstance(p, SelfExtend):
-            need = -(-length // max(1, self.rope.trained_window - self.window - 1))
-            fix = f"raise SelfExtend(group_size=...) to at least {need}"
-        else:
-            fix = "lower the method's budget (top_k, window, sink_tokens) below the trained window"
-        return (
-            f"positions={p.name!r} would show keys at distance {farthest}, beyond the model's trained window of "
-            f"{self.rope.trained_window} at {length} tokens; {fix}"
-        )

@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from longattn.core.positions import Rope
-from longattn.hf.cache import GrowingCache, HeadAwareCache, HeadAwareLayer, declares_streaming_heads, head_aware_layers
+from longattn.core.rope import Rope
+from longattn.hf.cache import GrowingCache
+from longattn.hf.head_aware import HeadAwareCache, HeadAwareLayer, declares_streaming_heads, head_aware_layers
 from longattn.hf.loading import (
     DEFAULT_GGUF,
     EMBEDDED_MODELS,
@@ -27,7 +28,8 @@ from longattn.hf.loading import (
     load_model,
 )
 from longattn.hf.parallel import ShardedCache, ShardedLayer, method_granule, parallel_prefill, shard_bounds
-from longattn.hf.session import SESSION_ATTR, AttentionStats, Observer, Session
+from longattn.hf.session import SESSION_ATTR, Session
+from longattn.hf.stats import AttentionStats, Observer
 from longattn.methods.base import Method
 from longattn.ops.block_sparse import check_backend, resolve_backend
 

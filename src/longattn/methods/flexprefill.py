@@ -12,7 +12,7 @@ from torch import Tensor
 
 from longattn.core.checks import check_fraction, check_int
 from longattn.methods.base import Method, SelectionContext, group_queries
-from longattn.methods.topk import top_blocks
+from longattn.ops.block_topk.pick import top_blocks
 from longattn.ops.sampled import block_sums, js_distance, mass_cover, sampled_attention
 
 

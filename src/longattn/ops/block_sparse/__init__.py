@@ -25,7 +25,7 @@ from typing import Callable
 
 from torch import Tensor
 
-from longattn.core.positions import Reposition
+from longattn.core.reposition import Reposition
 from longattn.core.selection import Selection
 from longattn.ops.block_sparse.checks import check_inputs
 from longattn.ops.block_sparse.cpu import block_sparse_attention_cpu, cpu_kernel_available

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from longattn.core.positions import Reposition
+from longattn.core.reposition import Reposition
 from longattn.core.selection import Selection
 from longattn.ops.block_sparse.checks import check_inputs
 

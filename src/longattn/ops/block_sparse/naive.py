@@ -12,7 +12,8 @@ import math
 import torch
 from torch import Tensor
 
-from longattn.core.positions import Reposition, rotate
+from longattn.core.reposition import Reposition
+from longattn.core.rope import rotate
 from longattn.core.pattern import window_first_block
 from longattn.core.selection import Selection
 from longattn.ops.block_sparse.checks import check_inputs

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from longattn.core.positions import Region, Reposition
+from longattn.core.positions import Region
+from longattn.core.reposition import Reposition
 from longattn.core.selection import Selection
 from longattn.ops.merge import merge_attention
 
