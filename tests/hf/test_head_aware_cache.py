@@ -212,3 +212,35 @@ def test_a_cache_built_for_another_method_is_refused():
     with longattn.apply(model, moved), torch.inference_mode():
         with pytest.raises(ValueError, match="build the cache for this method"):
             model(ids, past_key_values=HeadAwareCache.for_method(built_for, model.config), use_cache=True)
+
+
+@pytest.mark.parametrize("length, drops", [(40, False), (400, True)])
+def test_a_prompt_is_read_in_place_then_owned_after_the_attention_call(length, drops):
+    # Streaming heads 1 and 2 (a contiguous run): the prompt step reads them from the model's own key / value
+    # states, with no full-length copy; after `release` the layer owns what it keeps, so the model's tensors
+    # changing (or being freed) cannot change the cache.
+    layer = HeadAwareLayer((False, True, True), block_size=8, sink_tokens=4, window=16, slack=32)
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(1, 3, length, 8, generator=g) for _ in range(2))
+    kv, _ = layer.update(k, v)
+    assert kv.stream_keys.data_ptr() == k[:, 1:].data_ptr()  # read in place during the step
+    layer.release(None)
+    held = layer.split()
+    assert held.stream_keys.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
+    expected_k = k[:, 1:].clone()
+    kept = length - held.gap
+    k.zero_()
+    v.zero_()
+    assert (layer.split().gap > 0) == drops
+    if drops:
+        # sinks, then the window's blocks: what later queries read, copied out before the step's states went
+        sink = held.sink_len
+        torch.testing.assert_close(held.stream_keys[:, :, :sink], expected_k[:, :, :sink])
+        torch.testing.assert_close(held.stream_keys[:, :, sink:kept], expected_k[:, :, held.gap + sink:])
+        assert layer._stream[0].shape[2] <= sink + 16 + 32 + 3 * 8  # sinks + window + slack, not the prompt
+    else:
+        torch.testing.assert_close(held.stream_keys, expected_k)
+    # the next decode step appends after what is held
+    k1, v1 = (torch.randn(1, 3, 1, 8, generator=g) for _ in range(2))
+    kv, _ = layer.update(k1, v1)
+    torch.testing.assert_close(kv.stream_keys[:, :, -1:], k1[:, 1:])
