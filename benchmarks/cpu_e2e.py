@@ -9,7 +9,8 @@ Each cell: one ``niah_single`` prompt (repeated filler, depth 0.5), the whole 30
 (``logits_to_keep=1``), then ``--decode`` greedy steps; the time inside ``Method.select`` is measured too, as a
 share of the time inside the attention calls. A method named ``q:<config>`` is a config of ``benchmarks/quality.py`` at its ~10% budget for the
 length (exact decode scores), e.g. ``q:blockmax+compensate``; the time inside ``adjust_output`` (compensation)
-is measured as a share of attention too. ``--cache``: the KV cache every method (dense included) runs on,
+is measured as a share of attention too. ``duo`` and ``razor`` read the default model's published head profile
+(``docs/results/heads/smollm2_profile.json``) at ``retrieval_share=0.25``. ``--cache``: the KV cache every method (dense included) runs on,
 ``growing`` (``longattn.GrowingCache``, appends in place) or ``dynamic`` (transformers' ``DynamicCache``, which
 copies the cache per decoded token; lines without a "cache" field were measured on it). Ratios are against
 dense of the same length, dtype and cache, same file. ``benchmarks/cpu_speed.py --e2e`` runs it after the
@@ -45,6 +46,10 @@ def run_cell(method_name: str, length: int, dtype_name: str, decode: int, cache_
         from quality import configs
 
         method = configs(length, decode_rank=None)[method_name[2:]]()
+    elif method_name in ("duo", "razor"):
+        # No default profile exists: the default model's published one, at DuoAttention's 25% of KV heads.
+        profile = longattn.HeadProfile.load(Path(__file__).parents[1] / "docs/results/heads/smollm2_profile.json")
+        method = longattn.get_method(method_name, profile=profile, retrieval_share=0.25)
     else:
         method = longattn.get_method(method_name)
     timing = {"select": 0.0, "attend": 0.0, "adjust": 0.0}

@@ -97,3 +97,58 @@ def test_deterministic_per_seed_and_seeds_differ():
 
     assert torch.equal(indices(0), indices(0))
     assert any(not torch.equal(indices(0), indices(seed)) for seed in range(1, 4))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_extends_the_clustering_and_selects_as_a_fresh_one(padded, monkeypatch):
+    """Steps that stay inside the last epoch only assign their new keys (no clustering of the cache); every step
+    selects exactly what clustering the whole cache again would, across an epoch boundary too."""
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(2, 2, 300, 16, generator=g)
+    q = torch.randn(2, 4, 300, 16, generator=g)
+    mask = torch.ones(2, 300, dtype=torch.bool)
+    if padded:
+        mask[1, :37] = False
+    config = dict(block_size=16, top_k=3, window=16, sink_tokens=0, clusters=8, epoch_tokens=128)
+    method, reference = Routing(**config), Routing(**config)
+    calls = []
+    cluster = method.cluster
+    monkeypatch.setattr(method, "cluster", lambda *a, **kw: calls.append(a[0].shape[2]) or cluster(*a, **kw))
+    memory: dict = {}
+
+    def ctx(tk, tq, memo):
+        return SelectionContext(kv_len=tk, q_offset=tk - tq, layer=0, num_kv_heads=2, keys=k[:, :, :tk],
+                                key_mask=mask[:, :tk] if padded else None, memory=memo)
+
+    method.select(q[:, :, :200], None, ctx(200, 200, memory))
+    for tk in range(201, 280):
+        step = q[:, :, tk - 1 : tk]
+        kept = method.select(step, None, ctx(tk, 1, memory))
+        fresh = reference.select(step, None, ctx(tk, 1, None))
+        assert torch.equal(kept.indices, fresh.indices) and torch.equal(kept.counts, fresh.counts), tk
+        routes, state = reference.routes(ctx(tk, 1, None)), memory["routing"]
+        assert torch.equal(state["sets"], routes.centroids)
+        assert torch.equal(state["hist"].view(2, 2, routes.centroids.shape[2], -1, 8).transpose(-1, -2),
+                           routes.histogram)
+        nkb = routes.mean_key.shape[2]
+        torch.testing.assert_close(state["sums"][:, :, :nkb] / state["valid"][:, :, :nkb, None].clamp(min=1),
+                                   routes.mean_key)
+    # Clustered twice: the prompt (200 keys, two 128-token epochs) and the step that opens the third epoch.
+    assert calls == [200, 257]
+
+
+def test_a_cache_that_does_not_continue_the_remembered_keys_is_clustered_again():
+    g = torch.Generator().manual_seed(6)
+    k = torch.randn(1, 2, 200, 16, generator=g)
+    q = torch.randn(1, 4, 200, 16, generator=g)
+    method = Routing(block_size=16, top_k=2, window=16, sink_tokens=0, clusters=8, epoch_tokens=128)
+    memory: dict = {}
+    ctx = lambda keys, tq: SelectionContext(kv_len=keys.shape[2], q_offset=keys.shape[2] - tq, layer=0,  # noqa: E731
+                                            num_kv_heads=2, keys=keys, memory=memory)
+    method.select(q[:, :, :150], None, ctx(k[:, :, :150], 150))
+    other = k.clone()
+    other[:, :, :150] = torch.randn(1, 2, 150, 16, generator=g)  # a reordered / different sequence, same length
+    kept = method.select(q[:, :, 150:151], None, ctx(other[:, :, :151], 1))
+    fresh = method.select(q[:, :, 150:151], None, SelectionContext(kv_len=151, q_offset=150, layer=0,
+                                                                 num_kv_heads=2, keys=other[:, :, :151]))
+    assert torch.equal(kept.indices, fresh.indices)

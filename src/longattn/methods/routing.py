@@ -11,6 +11,7 @@ from torch import Tensor
 from longattn.core.checks import check_int
 from longattn.methods.base import SelectionContext, group_queries
 from longattn.methods.topk import TopKMethod
+from longattn.ops.kmeans import assign, causal_spherical_kmeans, key_weight
 
 
 @dataclass(frozen=True)
@@ -80,68 +81,62 @@ class Routing(TopKMethod):
         return self.routes(ctx)
 
     def cluster(self, keys: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Causal online spherical k-means over epochs of ``epoch_tokens`` keys.
-
-        Epoch ``e``'s keys are assigned to centroid set ``e``; set ``e + 1`` adds them to the running
-        per-cluster sums (``iterations`` Lloyd steps on epoch ``e``'s keys, warm-started from set ``e``). Set
-        ``e`` therefore depends only on keys before epoch ``e``'s start. Cost O(Tk * C * D * iterations).
-
-        Args:
-            keys: ``[B, Hkv, Tk, D]`` raw keys.
-            key_mask: ``[B, Tk]`` bool, False on padding keys (they move no centroid); None if all are valid.
-
-        Returns:
-            Centroid sets ``[B, Hkv, E, C, D]`` float32 unit vectors (E = epochs holding keys) and each key's
-            cluster in its epoch's set ``[B, Hkv, Tk]`` int64.
-        """
-        b, h, tk, d = keys.shape
-        unit = torch.nn.functional.normalize(keys.float(), dim=-1)
-        weight = _key_weight(key_mask, b, tk, keys.device)  # [B, 1, Tk]
-        gen = torch.Generator().manual_seed(self.seed)
-        # One initial set for every head and batch row, so results do not depend on how many heads there are.
-        first = torch.nn.functional.normalize(torch.randn(self.clusters, d, generator=gen), dim=-1)
-        centroids = first.to(keys.device).expand(b, h, -1, -1)
-        sums = torch.zeros(b, h, self.clusters, d, device=keys.device)
-        sets, assigned = [], []
-        for start in range(0, tk, self.epoch_tokens):
-            x = unit[:, :, start : start + self.epoch_tokens]  # [B, Hkv, L, D]
-            w = weight[:, :, start : start + self.epoch_tokens, None]  # [B, 1, L, 1]
-            sets.append(centroids)
-            nearest = (x @ centroids.transpose(-1, -2)).argmax(-1)  # [B, Hkv, L]
-            assigned.append(nearest)
-            if start + self.epoch_tokens >= tk:
-                break  # no later epoch needs the next set
-            for step in range(self.iterations):
-                if step:
-                    nearest = (x @ centroids.transpose(-1, -2)).argmax(-1)
-                total = sums.scatter_add(2, nearest.unsqueeze(-1).expand(-1, -1, -1, d), x * w)
-                norm = total.norm(dim=-1, keepdim=True)
-                # A cluster no key has joined yet keeps its previous centroid.
-                centroids = torch.where(norm > 1e-6, total / norm.clamp(min=1e-6), centroids)
-            # The running sums keep the assignment the last refinement was fitted on.
-            sums = total
-        return torch.stack(sets, dim=2), torch.cat(assigned, dim=2)
+        """Causal online spherical k-means of ``keys [B, Hkv, Tk, D]`` (``key_mask [B, Tk]``: padding moves no
+        centroid): centroid sets ``[B, Hkv, E, C, D]`` and each key's cluster ``[B, Hkv, Tk]``
+        (:func:`longattn.ops.kmeans.causal_spherical_kmeans`)."""
+        return causal_spherical_kmeans(keys, key_mask, self.clusters, self.epoch_tokens, self.iterations, self.seed)
 
     def routes(self, ctx: SelectionContext) -> Routes:
-        """Cluster the step's raw keys and summarise each block by its cluster histogram and mean unit key."""
+        """Cluster the step's raw keys and summarise each block by its cluster histogram and mean unit key.
+
+        The layer's clustering is kept in ``ctx.memory`` between the steps of a sequence: keys appended inside
+        the last epoch are only assigned to its set (fixed: it learnt from earlier epochs only) and added to the
+        block summaries, so a decode step costs O(new keys), not a clustering of the whole cache (1 s per token
+        at 16k). A step that starts a new epoch clusters again."""
         keys = self.raw_keys(ctx)
+        memory = ctx.memory if ctx.memory is not None else {}
+        state = self._extended(memory.get("routing"), keys, ctx.key_mask)
+        if state is None:
+            sets, assigned = self.cluster(keys, ctx.key_mask)
+            b, hkv, _, d = keys.shape
+            slots = sets.shape[2] * (self.epoch_tokens // self.block_size)  # blocks of the epochs holding keys
+            state = {"sets": sets, "hist": torch.zeros(b, hkv, slots * self.clusters, device=keys.device),
+                     "sums": torch.zeros(b, hkv, slots, d, device=keys.device),
+                     "valid": torch.zeros(b, 1, slots, device=keys.device)}
+            self._add(state, keys, ctx.key_mask, assigned, 0)
+        memory["routing"] = state
+        b, hkv, tk, _ = keys.shape
+        epochs, nkb = state["sets"].shape[2], -(-tk // self.block_size)
+        hist = state["hist"].view(b, hkv, epochs, -1, self.clusters).transpose(-1, -2)  # [B, Hkv, E, C, Nblk / E]
+        mean_key = state["sums"][:, :, :nkb] / state["valid"][:, :, :nkb, None].clamp(min=1)
+        return Routes(state["sets"], hist, mean_key)
+
+    def _extended(self, state: dict | None, keys: Tensor, key_mask: Tensor | None) -> dict | None:
+        """``state`` with the keys after its own appended, or None where it does not hold their prefix or they
+        reach a new epoch."""
         b, hkv, tk, d = keys.shape
-        bs, c = self.block_size, self.clusters
-        nkb, per_epoch = -(-tk // bs), self.epoch_tokens // bs
-        centroids, assigned = self.cluster(keys, ctx.key_mask)  # [B, Hkv, E, C, D], [B, Hkv, Tk]
-        epochs = centroids.shape[2]
-        pad = epochs * self.epoch_tokens - tk
-        weight = _key_weight(ctx.key_mask, b, tk, keys.device)  # [B, 1, Tk]
-        # Flat histogram index (block, cluster); padding keys and the last epoch's missing keys weigh 0.
-        slot = torch.arange(epochs * self.epoch_tokens, device=keys.device) // bs * c
-        slot = slot + torch.nn.functional.pad(assigned, (0, pad))  # [B, Hkv, E * epoch_tokens]
-        src = torch.nn.functional.pad(weight, (0, pad)).expand(b, hkv, -1)
-        hist = torch.zeros(b, hkv, epochs * per_epoch * c, device=keys.device).scatter_add(2, slot, src)
-        hist = hist.view(b, hkv, epochs, per_epoch, c).transpose(-1, -2)  # [B, Hkv, E, C, Nblk / E]
-        unit = torch.nn.functional.normalize(keys.float(), dim=-1) * weight.unsqueeze(-1)
-        unit = torch.nn.functional.pad(unit, (0, 0, 0, nkb * bs - tk)).view(b, hkv, nkb, bs, d)
-        valid = torch.nn.functional.pad(weight, (0, nkb * bs - tk)).view(b, 1, nkb, bs).sum(-1, keepdim=True)
-        return Routes(centroids, hist, unit.sum(3) / valid.clamp(min=1))
+        if state is None or state["sets"].shape[:2] != (b, hkv) or not state["tk"] < tk:
+            return None
+        p, mask = state["tk"], state["mask"]
+        if -(-tk // self.epoch_tokens) > state["sets"].shape[2] or not torch.equal(keys[:, :, p - 1], state["probe"]):
+            return None
+        if (mask is None) != (key_mask is None) or (mask is not None and not torch.equal(key_mask[:, :p], mask)):
+            return None
+        self._add(state, keys, key_mask, assign(keys[:, :, p:], state["sets"][:, :, -1]), p)
+        return state
+
+    def _add(self, state: dict, keys: Tensor, key_mask: Tensor | None, assigned: Tensor, start: int) -> None:
+        """Count ``keys[:, :, start:]`` (clusters ``assigned [B, Hkv, n]``) into the block histogram and sums."""
+        b, hkv, tk, d = keys.shape
+        n = tk - start
+        w = key_weight(key_mask, b, tk, keys.device)[:, :, start:]  # [B, 1, n]
+        block = (torch.arange(start, tk, device=keys.device) // self.block_size).view(1, 1, n)
+        state["hist"].scatter_add_(2, block * self.clusters + assigned, w.expand(b, hkv, n))
+        unit = torch.nn.functional.normalize(keys[:, :, start:].float(), dim=-1) * w.unsqueeze(-1)
+        state["sums"].scatter_add_(2, block.unsqueeze(-1).expand(b, hkv, n, d), unit)
+        state["valid"].scatter_add_(2, block.expand(b, 1, n), w)
+        state["tk"], state["probe"] = tk, keys[:, :, tk - 1].clone()
+        state["mask"] = None if key_mask is None else key_mask.clone()
 
     def block_scores(
         self, q: Tensor, summaries: Tensor | None, ctx: SelectionContext, qbs: int, prepared: Any = None
@@ -185,10 +180,3 @@ class Routing(TopKMethod):
         for _ in range(self.route_top - 1):
             rest = rest.masked_fill(rest >= rest.amax(-1, keepdim=True), float("-inf"))
         return (sims >= rest.amax(-1, keepdim=True)).float()
-
-
-def _key_weight(key_mask: Tensor | None, b: int, tk: int, device: torch.device) -> Tensor:
-    """``[B, 1, Tk]`` float32: 1 for a valid key, 0 for padding."""
-    if key_mask is None:
-        return torch.ones(b, 1, tk, device=device)
-    return key_mask.float().view(b, 1, tk)
