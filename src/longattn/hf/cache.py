@@ -14,6 +14,7 @@ It is a ``DynamicCache`` (same layer API, same results); pass it as ``past_key_v
 whole history, sliding-window layers included (still exact: the session applies each layer's window); for a
 hybrid model ``DynamicCache(config=model.config)`` keeps only the window of those layers, which saves their
 memory but copies them per token.
+
 :mod:`longattn.hf.head_aware` goes further for methods that declare streaming heads.
 """
 

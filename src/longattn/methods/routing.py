@@ -129,7 +129,7 @@ class Routing(TopKMethod):
         """Count ``keys[:, :, start:]`` (clusters ``assigned [B, Hkv, n]``) into the block histogram and sums."""
         b, hkv, tk, d = keys.shape
         n = tk - start
-        w = key_weight(key_mask, b, tk, keys.device)[:, :, start:]  # [B, 1, n]
+        w = key_weight(None if key_mask is None else key_mask[:, start:], b, n, keys.device)  # [B, 1, n]
         block = (torch.arange(start, tk, device=keys.device) // self.block_size).view(1, 1, n)
         state["hist"].scatter_add_(2, block * self.clusters + assigned, w.expand(b, hkv, n))
         unit = torch.nn.functional.normalize(keys[:, :, start:].float(), dim=-1) * w.unsqueeze(-1)
